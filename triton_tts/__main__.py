@@ -1,0 +1,3 @@
+from triton_tts.cli import main
+
+raise SystemExit(main())
