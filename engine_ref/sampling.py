@@ -49,7 +49,7 @@ class GenerationParams:
         """Raise InputError naming the parameter, its allowed range and the value given."""
 
         def bad(name: str, rule: str) -> InputError:
-            return InputError(f"{name}={getattr(self, name)!r} is out of range: it must be {rule}", f"pass a {name} {rule}")
+            return InputError(f"{name}={getattr(self, name)!r} is out of range", f"pass a {name} {rule}")
 
         if not self.temperature > 0 or self.temperature > 100:
             raise bad("temperature", "in (0, 100]")

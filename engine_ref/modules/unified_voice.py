@@ -13,9 +13,8 @@ import torch
 from torch import nn
 
 from engine_ref.config import GPTConfig
-from engine_ref.modules.conformer import ConformerEncoder
 from engine_ref.modules.gpt2 import KV, GPT2Stack
-from engine_ref.modules.perceiver import PerceiverResampler
+from engine_ref.modules.perceiver import SpeechConditioner
 
 
 class LearnedPositions(nn.Module):
@@ -29,17 +28,13 @@ class LearnedPositions(nn.Module):
         return self.emb(positions)
 
 
-class UnifiedVoice(nn.Module):
+class UnifiedVoice(SpeechConditioner):
+    """Inherits `conditioning_encoder`/`perceiver_encoder` (top-level keys, as in gpt.pth) from SpeechConditioner."""
+
     def __init__(self, cfg: GPTConfig):
-        super().__init__()
+        super().__init__(cfg)
         self.cfg = cfg
-        cm = cfg.condition_module
         d = cfg.model_dim
-        self.conditioning_encoder = ConformerEncoder(cm, input_size=100)
-        self.perceiver_encoder = PerceiverResampler(
-            d, dim_context=cm.output_size, ff_mult=cm.perceiver_mult, heads=cm.attention_heads,
-            num_latents=cfg.condition_num_latent,
-        )
         self.text_embedding = nn.Embedding(cfg.text_vocab, d)
         self.mel_embedding = nn.Embedding(cfg.number_mel_codes, d)
         self.text_pos_embedding = LearnedPositions(cfg.text_positions, d)
@@ -49,12 +44,12 @@ class UnifiedVoice(nn.Module):
         self.text_head = nn.Linear(d, cfg.text_vocab)  # unused at inference, present in the checkpoint
         self.mel_head = nn.Linear(d, cfg.number_mel_codes)
 
-    # --- conditioning -------------------------------------------------------------------------------------------
     def conditioning(self, mel: torch.Tensor, mel_lengths: torch.Tensor) -> torch.Tensor:
         """Reference log-mel [B, 100, T] (+ frame counts) -> 32 conditioning latents [B, 32, D]."""
-        hidden, mask = self.conditioning_encoder(mel.transpose(1, 2), mel_lengths)
-        latent_mask = torch.ones(mask.shape[0], self.cfg.condition_num_latent, dtype=torch.bool, device=mask.device)
-        return self.perceiver_encoder(hidden, torch.cat([latent_mask, mask.squeeze(1).bool()], dim=1))
+        return SpeechConditioner.forward(self, mel, mel_lengths)
+
+    def forward(self, *args, **kwargs):  # the pipeline calls the named methods; forward is ambiguous here
+        raise TypeError("call UnifiedVoice.conditioning / decode / mel_logits / latents")
 
     # --- embeddings ---------------------------------------------------------------------------------------------
     def text_embeds(self, ids: torch.Tensor) -> torch.Tensor:
