@@ -1,0 +1,269 @@
+"""ONNX export of the GPT decoder: a prefill graph and a decode-step graph sharing one KV layout.
+
+KV layout (also recorded in the manifest's `extra`): per layer `past_key_values.{i}.key` / `.value` in,
+`present.{i}.key` / `.value` out, float [batch, heads, seq, head_dim]; `present` = past + new positions.
+Positions are explicit inputs and the attention mask marks valid keys, so padding may sit anywhere in the
+sequence (GPT-2 here has no positional term inside attention): a batch of sequences with different lengths shares
+one past length, padded, and each row computes exactly what it computes alone.
+
+- gpt_prefill: conds [B, 32, D], text_ids [B, L] (already wrapped in start/stop text tokens, left-padded),
+  text_positions [B, L], attention_mask [B, 32 + L + 1] -> logits [B, V] of the start_mel position, hidden [B, D]
+  (after ln_f and final_norm: the latent of that position), present.* (length 32 + L + 1).
+- gpt_decode: mel_tokens [B, T], mel_positions [B, T], attention_mask [B, P + T], past_key_values.* ->
+  logits [B, V] of the last position, hidden [B, T, D] (after both final norms), present.*.
+  T = 1 is a decode step; T > 1 replays codes teacher-forced, which is how the latent pass runs through the same graph.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from engine_ref.generate import build_prefix, decode_sampling
+from engine_ref.loader import LoadedModel
+from engine_ref.modules.unified_voice import UnifiedVoice
+from engine_ref.sampling import GenerationParams
+from export.common import FP32_TOLERANCE, ErrorMeter, ExportOptions, check_tolerance, dim, export_onnx, graph_io
+from export.manifest import Component, Parity, component_digest
+
+log = logging.getLogger("export.gpt")
+
+PREFILL = "gpt_prefill"
+DECODE = "gpt_decode"
+
+
+def kv_names(layers: int, prefix: str) -> list[str]:
+    return [f"{prefix}.{i}.{kind}" for i in range(layers) for kind in ("key", "value")]
+
+
+class PrefillGraph(nn.Module):
+    def __init__(self, uv: UnifiedVoice):
+        super().__init__()
+        self.uv = uv
+
+    def forward(self, conds, text_ids, text_positions, attention_mask):
+        uv = self.uv
+        cfg = uv.cfg
+        text = uv.text_embedding(text_ids) + uv.text_pos_embedding(text_positions)
+        start = uv.mel_embedding.weight[cfg.start_mel_token] + uv.mel_pos_embedding.emb.weight[0]
+        start = start.reshape(1, 1, -1).expand(conds.shape[0], 1, conds.shape[2])
+        x = torch.cat([conds, text, start], dim=1)
+        hidden, presents = uv.gpt(x, attention_mask.bool())
+        last = uv.final_norm(hidden[:, -1])
+        return (uv.mel_head(last), last, *[t for kv in presents for t in kv])
+
+
+class DecodeGraph(nn.Module):
+    def __init__(self, uv: UnifiedVoice):
+        super().__init__()
+        self.uv = uv
+
+    def forward(self, mel_tokens, mel_positions, attention_mask, *past_flat):
+        uv = self.uv
+        past = [(past_flat[2 * i], past_flat[2 * i + 1]) for i in range(len(past_flat) // 2)]
+        hidden, presents = uv.gpt(uv.mel_embeds(mel_tokens, mel_positions), attention_mask.bool(), past)
+        hidden = uv.final_norm(hidden)
+        return (uv.mel_head(hidden[:, -1]), hidden, *[t for kv in presents for t in kv])
+
+
+def _kv_extra(uv: UnifiedVoice) -> dict:
+    cfg = uv.cfg
+    return {
+        "layers": cfg.layers,
+        "heads": cfg.heads,
+        "head_dim": cfg.model_dim // cfg.heads,
+        "kv_layout": "[batch, heads, seq, head_dim]",
+        "past_names": "past_key_values.{i}.key|value",
+        "present_names": "present.{i}.key|value",
+        "model_dim": cfg.model_dim,
+        "num_latents": cfg.condition_num_latent,
+        "vocab": cfg.number_mel_codes,
+        "start_mel_token": cfg.start_mel_token,
+        "stop_mel_token": cfg.stop_mel_token,
+        "start_text_token": cfg.start_text_token,
+        "stop_text_token": cfg.stop_text_token,
+        "max_mel_tokens": cfg.max_mel_tokens,
+        "max_text_tokens": cfg.max_text_tokens,
+        "first_generated_position": 2,
+    }
+
+
+def _max_past(uv: UnifiedVoice) -> int:
+    cfg = uv.cfg
+    return cfg.condition_num_latent + cfg.text_positions + cfg.mel_positions
+
+
+def _example_prefill(uv: UnifiedVoice, batch: int, text_len: int, gen: torch.Generator):
+    cfg = uv.cfg
+    conds = torch.randn(batch, cfg.condition_num_latent, cfg.model_dim, generator=gen)
+    ids = torch.randint(2, cfg.text_vocab, (batch, text_len), generator=gen)
+    pos = torch.arange(text_len).repeat(batch, 1)
+    mask = torch.ones(batch, cfg.condition_num_latent + text_len + 1, dtype=torch.int64)
+    return conds, ids, pos, mask
+
+
+def export_prefill(model: LoadedModel, out_dir: Path, opts: ExportOptions) -> Component:
+    uv = model.gpt
+    cfg = uv.cfg
+    path = out_dir / f"{PREFILL}.onnx"
+    presents = kv_names(cfg.layers, "present")
+    t0 = time.perf_counter()
+    ext = export_onnx(
+        PrefillGraph(uv), _example_prefill(uv, 2, 7, torch.Generator().manual_seed(opts.seed)), path,
+        ["conds", "text_ids", "text_positions", "attention_mask"], ["logits", "hidden", *presents],
+        {"conds": {0: "batch"}, "text_ids": {0: "batch", 1: "text_len"}, "text_positions": {0: "batch", 1: "text_len"},
+         "attention_mask": {0: "batch", 1: "prefix_len"}, "logits": {0: "batch"}, "hidden": {0: "batch"},
+         **{n: {0: "batch", 2: "prefix_len"} for n in presents}},
+        opts.opset,
+    )
+    log.info("exported %s in %.1f s", path.name, time.perf_counter() - t0)
+    inputs, outputs = graph_io(path)
+    prefix_max = cfg.condition_num_latent + cfg.text_positions + 1
+    comp = Component(
+        name=PREFILL, file=path.name, sha256="", opset=opts.opset, precision="fp32", inputs=inputs, outputs=outputs,
+        dims={"batch": dim(1, min(4, opts.max_batch), opts.max_batch), "text_len": dim(3, 64, cfg.text_positions),
+              "prefix_len": dim(cfg.condition_num_latent + 4, 128, prefix_max)},
+        parity=None, external_data=ext, extra=_kv_extra(uv),
+    )
+    return _finish(model, out_dir, comp, opts, verify_prefill)
+
+
+def export_decode(model: LoadedModel, out_dir: Path, opts: ExportOptions) -> Component:
+    uv = model.gpt
+    cfg = uv.cfg
+    path = out_dir / f"{DECODE}.onnx"
+    past, presents = kv_names(cfg.layers, "past_key_values"), kv_names(cfg.layers, "present")
+    gen = torch.Generator().manual_seed(opts.seed)
+    b, p, t = 2, 9, 1
+    hd = cfg.model_dim // cfg.heads
+    example = (
+        torch.randint(0, cfg.number_mel_codes, (b, t), generator=gen), torch.full((b, t), 2),
+        torch.ones(b, p + t, dtype=torch.int64),
+        *[torch.randn(b, cfg.heads, p, hd, generator=gen) for _ in past],
+    )
+    t0 = time.perf_counter()
+    ext = export_onnx(
+        DecodeGraph(uv), example, path, ["mel_tokens", "mel_positions", "attention_mask", *past],
+        ["logits", "hidden", *presents],
+        {"mel_tokens": {0: "batch", 1: "new_len"}, "mel_positions": {0: "batch", 1: "new_len"},
+         "attention_mask": {0: "batch", 1: "total_len"}, "logits": {0: "batch"},
+         "hidden": {0: "batch", 1: "new_len"}, **{n: {0: "batch", 2: "past_len"} for n in past},
+         **{n: {0: "batch", 2: "total_len"} for n in presents}},
+        opts.opset,
+    )
+    log.info("exported %s in %.1f s", path.name, time.perf_counter() - t0)
+    inputs, outputs = graph_io(path)
+    mp = _max_past(uv)
+    comp = Component(
+        name=DECODE, file=path.name, sha256="", opset=opts.opset, precision="fp32", inputs=inputs, outputs=outputs,
+        dims={"batch": dim(1, min(4, opts.max_batch), opts.max_batch), "new_len": dim(1, 1, cfg.mel_positions),
+              "past_len": dim(1, 256, mp), "total_len": dim(2, 257, mp + cfg.mel_positions)},
+        parity=None, external_data=ext, extra=_kv_extra(uv),
+    )
+    return _finish(model, out_dir, comp, opts, verify_decode)
+
+
+def _finish(model, out_dir: Path, comp: Component, opts: ExportOptions, verifier) -> Component:
+    comp = Component(**{**comp.__dict__, "sha256": component_digest(out_dir, comp)})
+    if opts.verify:
+        comp = Component(**{**comp.__dict__, "parity": verifier(model, out_dir, comp, opts)})
+    return comp
+
+
+def _feeds_kv(names: list[str], kv: list[np.ndarray]) -> dict[str, np.ndarray]:
+    return dict(zip(names, kv))
+
+
+@torch.inference_mode()
+def verify_prefill(model: LoadedModel, out_dir: Path, comp: Component, opts: ExportOptions) -> Parity:
+    from export.runtime import OrtDecoder
+
+    uv = model.gpt
+    dec = OrtDecoder(out_dir, prefill=comp, decode=None)
+    meter = ErrorMeter()
+    gen = torch.Generator().manual_seed(opts.seed + 1)
+    cases = []
+    for batch, lengths in ((1, [5]), (2, [3, 11]), (opts.max_batch, None)):
+        lengths = lengths or [int(x) for x in torch.randint(1, 40, (batch,), generator=gen)]
+        conds = torch.randn(batch, uv.cfg.condition_num_latent, uv.cfg.model_dim, generator=gen)
+        texts = [[int(x) for x in torch.randint(2, uv.cfg.text_vocab, (n,), generator=gen)] for n in lengths]
+        logits, hidden, state = dec.prefill(conds.numpy(), texts)
+        with torch.inference_mode():
+            embeds, valid = build_prefix(uv, conds, texts)
+            ref_h, ref_kv = uv.decode(embeds, valid)
+        meter.add(logits, uv.mel_logits(ref_h[:, -1]).numpy())
+        meter.add(hidden, uv.latents(ref_h[:, -1]).numpy())
+        # KV of valid positions only: the graph pads text in the middle, engine_ref on the left.
+        for row, n in enumerate(lengths):
+            ours_valid = state.mask[row]
+            for (k_ref, v_ref), (k, v) in zip(ref_kv, state.layers):
+                ref_valid = valid[row].numpy()
+                meter.add(k[row][:, ours_valid], k_ref[row][:, ref_valid].numpy())
+                meter.add(v[row][:, ours_valid], v_ref[row][:, ref_valid].numpy())
+        cases.append(f"batch={batch} text_lens={lengths}")
+    check_tolerance(PREFILL, meter, FP32_TOLERANCE)
+    return Parity(meter.max_abs, meter.max_rel, FP32_TOLERANCE, tuple(cases))
+
+
+@torch.inference_mode()
+def verify_decode(model: LoadedModel, out_dir: Path, comp: Component, opts: ExportOptions) -> Parity:
+    """Decode graph vs engine_ref on random past KV (with padding holes) for T = 1 and T > 1."""
+    uv = model.gpt
+    cfg = uv.cfg
+    from export.common import session
+
+    sess = session(out_dir / comp.file)
+    past_names, present_names = kv_names(cfg.layers, "past_key_values"), kv_names(cfg.layers, "present")
+    hd = cfg.model_dim // cfg.heads
+    meter = ErrorMeter()
+    gen = torch.Generator().manual_seed(opts.seed + 2)
+    cases = []
+    for batch, past_len, new_len in ((1, 40, 1), (2, 64, 1), (opts.max_batch, 256, 1), (3, 50, 6)):
+        tokens = torch.randint(0, cfg.number_mel_codes, (batch, new_len), generator=gen)
+        positions = torch.randint(0, cfg.mel_positions, (batch, new_len), generator=gen)
+        mask = torch.ones(batch, past_len + new_len, dtype=torch.bool)
+        if batch > 1:
+            mask[1, : past_len // 3] = False  # a padded row
+        past = [torch.randn(batch, cfg.heads, past_len, hd, generator=gen) * 0.5 for _ in past_names]
+        feeds = {"mel_tokens": tokens.numpy(), "mel_positions": positions.numpy(),
+                 "attention_mask": mask.to(torch.int64).numpy(), **_feeds_kv(past_names, [p.numpy() for p in past])}
+        logits, hidden, *presents = sess.run(None, feeds)
+        with torch.inference_mode():
+            pairs = [(past[2 * i], past[2 * i + 1]) for i in range(cfg.layers)]
+            ref_h, ref_kv = uv.decode(uv.mel_embeds(tokens, positions), mask, pairs)
+        meter.add(logits, uv.mel_logits(ref_h[:, -1]).numpy())
+        meter.add(hidden, uv.latents(ref_h).numpy())
+        for ours, ref in zip(presents, [t for kv in ref_kv for t in kv]):
+            meter.add(ours, ref.numpy())
+        cases.append(f"batch={batch} past={past_len} new={new_len}")
+    check_tolerance(DECODE, meter, FP32_TOLERANCE)
+    return Parity(meter.max_abs, meter.max_rel, FP32_TOLERANCE, tuple(cases))
+
+
+@torch.inference_mode()
+def greedy_parity(model: LoadedModel, export_dir: Path, prompts: int = 10, max_mel_tokens: int = 60,
+                  seed: int = 0, precision: str | None = None) -> dict:
+    """Greedy codes through ONNX Runtime vs engine_ref on random prompts: counts exact matches and token agreement."""
+    from export.runtime import OrtDecoder
+
+    uv = model.gpt
+    cfg = uv.cfg
+    dec = OrtDecoder.from_manifest(export_dir, precision=precision)
+    gen = torch.Generator().manual_seed(seed)
+    params = GenerationParams.greedy(max_mel_tokens=max_mel_tokens)
+    exact = agree = total = 0
+    for _ in range(prompts):
+        conds = torch.randn(1, cfg.condition_num_latent, cfg.model_dim, generator=gen)
+        n = int(torch.randint(3, 30, (1,), generator=gen))
+        text = [int(x) for x in torch.randint(2, cfg.text_vocab, (n,), generator=gen)]
+        ref = decode_sampling(uv, conds, [text], [params], [0])[0]
+        ours = dec.greedy(conds.numpy(), text, params)
+        exact += int(ours.codes == ref.codes and ours.stopped == ref.stopped)
+        agree += sum(a == b for a, b in zip(ours.codes, ref.codes))
+        total += max(len(ours.codes), len(ref.codes))
+    return {"prompts": prompts, "exact": exact, "token_agreement": agree / max(total, 1)}
