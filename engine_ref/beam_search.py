@@ -9,7 +9,9 @@ What matters for parity with the original:
   sum_logprobs / generated_len ** length_penalty; a prompt is done when `beams` hypotheses exist and none of the
   running beams can beat the worst (early_stopping=False);
 - at max length the running beams join the hypotheses, and the best one wins.
-Each prompt of a batch keeps its own beams, scorer and generator, and leaves the batch once done.
+
+`BeamSearch` is the per-sequence state machine, independent of how logits are computed: engine_ref drives it with
+the PyTorch decoder (`decode_beams`), the Triton decoder model with ONNX Runtime inside its continuous batch.
 """
 
 from __future__ import annotations
@@ -53,16 +55,77 @@ class _Hypotheses:
 
 
 @dataclass
-class _Prompt:
-    index: int
-    params: GenerationParams
-    rows: RowParams
-    generator: torch.Generator | None
-    hyps: _Hypotheses
-    beam_scores: torch.Tensor
-    beams: list[list[int]]
-    seen: torch.Tensor
-    done: bool = False
+class BeamStep:
+    """What the caller must do next: keep row `sources[j]` (index among this sequence's rows) as new row j, fed
+    with `tokens[j]`; or, when `done`, read `result`."""
+
+    done: bool
+    sources: list[int]
+    tokens: list[int]
+    result: DecodeOutput | None = None
+
+
+class BeamSearch:
+    """The beam state of one sequence: `num_beams` rows, advanced one step at a time from their logits."""
+
+    def __init__(self, params: GenerationParams, seed: int, vocab: int, start_token: int, stop_token: int):
+        nb = params.num_beams
+        self.params = params
+        self.stop = stop_token
+        self.vocab = vocab
+        self.rows = RowParams.stack([params] * nb, min_tokens_to_keep=2 if nb > 1 else 1)
+        self.generator = make_generator(seed) if params.do_sample else None
+        self.hyps = _Hypotheses(nb, params.length_penalty)
+        self.scores = torch.zeros(nb)
+        if not params.do_sample:
+            self.scores[1:] = -1e9  # only the first of identical beams may expand at step 1
+        self.beams: list[list[int]] = [[] for _ in range(nb)]
+        self.seen = initial_seen(nb, vocab, start_token)
+        self.step_count = 0
+
+    @property
+    def num_rows(self) -> int:
+        return self.params.num_beams
+
+    def step(self, logits: torch.Tensor) -> BeamStep:
+        """logits [num_beams, vocab] of this sequence's rows (raw decoder output)."""
+        self.step_count += 1
+        step, nb = self.step_count, self.params.num_beams
+        scores = process(torch.log_softmax(logits.float(), dim=-1), self.seen, self.rows, warp=self.params.do_sample)
+        total = (scores + self.scores.unsqueeze(1)).view(-1)
+        if self.params.do_sample:
+            cand = torch.multinomial(total.softmax(dim=0), 2 * nb, generator=self.generator)
+            cand_scores, order = torch.sort(total[cand], descending=True)
+            cand = cand[order]
+        else:
+            cand_scores, cand = torch.topk(total, 2 * nb)
+        new_scores, new_beams, sources, tokens = [], [], [], []
+        for rank, (flat, sc) in enumerate(zip(cand.tolist(), cand_scores.tolist())):
+            src, tok = divmod(flat, self.vocab)
+            if tok == self.stop:
+                if rank < nb:
+                    self.hyps.add(list(self.beams[src]), sc, step, stopped=True)
+                continue
+            new_scores.append(sc)
+            new_beams.append(self.beams[src] + [tok])
+            sources.append(src)
+            tokens.append(tok)
+            if len(new_beams) == nb:
+                break
+        done = self.hyps.is_done(float(cand_scores.max()), step)
+        if not done and step >= self.params.max_mel_tokens:
+            for codes, sc in zip(new_beams, new_scores):
+                self.hyps.add(codes, sc, len(codes), stopped=False)
+            done = True
+        if done:
+            codes, stopped = self.hyps.best()
+            return BeamStep(True, [], [], DecodeOutput(codes=codes, stopped=stopped))
+        src_t = torch.tensor(sources)
+        self.scores = torch.tensor(new_scores)
+        self.beams = new_beams
+        self.seen = self.seen[src_t]
+        self.seen[torch.arange(nb), torch.tensor(tokens)] = True
+        return BeamStep(False, sources, tokens)
 
 
 @torch.inference_mode()
@@ -73,78 +136,34 @@ def decode_beams(
     params: Sequence[GenerationParams],
     seeds: Sequence[int],
 ) -> list[DecodeOutput]:
+    """Beam search for a batch of segments with the PyTorch decoder; each leaves the batch once done."""
     cfg = model.cfg
-    vocab, stop = cfg.number_mel_codes, cfg.stop_mel_token
     embeds, valid = build_prefix(model, conds, text_ids)
     hidden, past = model.decode(embeds, valid)
     # Expand every prompt to its beams (rows of one prompt are contiguous).
     expand = torch.tensor([i for i, p in enumerate(params) for _ in range(p.num_beams)])
     past, valid, last = _select_rows(past, expand), valid[expand], hidden[expand, -1]
-    prompts: list[_Prompt] = []
-    for i, (p, s) in enumerate(zip(params, seeds)):
-        scores = torch.zeros(p.num_beams)
-        if not p.do_sample:
-            scores[1:] = -1e9  # only the first of identical beams may expand at step 1
-        prompts.append(
-            _Prompt(
-                index=i, params=p, rows=RowParams.stack([p] * p.num_beams, min_tokens_to_keep=2 if p.num_beams > 1 else 1),
-                generator=make_generator(s) if p.do_sample else None,
-                hyps=_Hypotheses(p.num_beams, p.length_penalty), beam_scores=scores,
-                beams=[[] for _ in range(p.num_beams)],
-                seen=initial_seen(p.num_beams, vocab, cfg.start_mel_token),
-            )
-        )
+    searches = [BeamSearch(p, s, cfg.number_mel_codes, cfg.start_mel_token, cfg.stop_mel_token)
+                for p, s in zip(params, seeds)]
     outputs: list[DecodeOutput | None] = [None] * len(params)
-    live = list(prompts)
+    live = list(range(len(params)))
     step = 0
     while live:
         step += 1
-        logprobs = torch.log_softmax(model.mel_logits(last), dim=-1)
-        row_sel: list[int] = []  # rows of the next step, as indices into the current batch
+        logits = model.mel_logits(last)
+        row_sel: list[int] = []
         next_tokens: list[int] = []
-        still: list[_Prompt] = []
+        still: list[int] = []
         offset = 0
-        for pr in live:
-            nb = pr.params.num_beams
-            scores = process(logprobs[offset : offset + nb], pr.seen, pr.rows, warp=pr.params.do_sample)
-            total = (scores + pr.beam_scores.unsqueeze(1)).view(-1)
-            if pr.params.do_sample:
-                cand = torch.multinomial(total.softmax(dim=0), 2 * nb, generator=pr.generator)
-                cand_scores = total[cand]
-                cand_scores, order = torch.sort(cand_scores, descending=True)
-                cand = cand[order]
+        for i in live:
+            nb = searches[i].num_rows
+            out = searches[i].step(logits[offset : offset + nb])
+            if out.done:
+                outputs[i] = out.result
             else:
-                cand_scores, cand = torch.topk(total, 2 * nb)
-            new_scores, new_beams, new_src, new_tok = [], [], [], []
-            for rank, (flat, sc) in enumerate(zip(cand.tolist(), cand_scores.tolist())):
-                src, tok = divmod(flat, vocab)
-                if tok == stop:
-                    if rank < nb:
-                        pr.hyps.add(list(pr.beams[src]), sc, step, stopped=True)
-                    continue
-                new_scores.append(sc)
-                new_beams.append(pr.beams[src] + [tok])
-                new_src.append(src)
-                new_tok.append(tok)
-                if len(new_beams) == nb:
-                    break
-            pr.done = pr.hyps.is_done(float(cand_scores.max()), step)
-            if not pr.done and step >= pr.params.max_mel_tokens:
-                for codes, sc in zip(new_beams, new_scores):
-                    pr.hyps.add(codes, sc, len(codes), stopped=False)
-                pr.done = True
-            if pr.done:
-                codes, stopped = pr.hyps.best()
-                outputs[pr.index] = DecodeOutput(codes=codes, stopped=stopped)
-            else:
-                src_t = torch.tensor(new_src)
-                pr.beam_scores = torch.tensor(new_scores)
-                pr.beams = new_beams
-                pr.seen = pr.seen[src_t]
-                pr.seen[torch.arange(nb), torch.tensor(new_tok)] = True
-                row_sel.extend(offset + s for s in new_src)
-                next_tokens.extend(new_tok)
-                still.append(pr)
+                row_sel.extend(offset + s for s in out.sources)
+                next_tokens.extend(out.tokens)
+                still.append(i)
             offset += nb
         live = still
         if not live:
