@@ -68,28 +68,28 @@ def export_onnx(
 
 
 def consolidate_external_data(path: Path) -> tuple[str, ...]:
-    """Keep a graph in one file when it fits, else move all weights to a single `<name>.data` file."""
+    """Keep a graph in one file when it fits, else move all weights to a single `<name>.data` file.
+
+    Only the files the graph itself references as external data are touched (the legacy exporter writes one
+    file per initializer for graphs over 2 GB); nothing else in the output directory is.
+    """
+    graph = onnx.load(str(path), load_external_data=False)
+    locations = {
+        entry.value for t in graph.graph.initializer for entry in t.external_data if entry.key == "location"
+    }
     weight_bytes = sum(
         int(np.prod(t.dims)) * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
-        for t in onnx.load(str(path), load_external_data=False).graph.initializer
+        for t in graph.graph.initializer
     )
-    scattered = [p for p in path.parent.iterdir() if p.name not in (path.name,) and _is_scattered_tensor_file(p, path)]
-    if weight_bytes < EXTERNAL_DATA_THRESHOLD and not scattered:
+    data_name = path.name + ".data"
+    if weight_bytes < EXTERNAL_DATA_THRESHOLD and not locations:
         return ()
     model = onnx.load(str(path), load_external_data=True)
-    data_name = path.name + ".data"
     onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=data_name,
                     size_threshold=1024)
-    for p in scattered:
-        p.unlink(missing_ok=True)
+    for name in locations - {data_name}:
+        (path.parent / name).unlink(missing_ok=True)
     return (data_name,)
-
-
-def _is_scattered_tensor_file(p: Path, graph: Path) -> bool:
-    """The legacy exporter writes one file per initializer (named after it) for graphs over 2 GB."""
-    if not p.is_file() or p.suffix in (".onnx", ".json", ".data", ".model", ".yaml"):
-        return False
-    return p.stat().st_mtime >= graph.stat().st_mtime - 600
 
 
 def graph_io(path: Path) -> tuple[tuple[TensorInfo, ...], tuple[TensorInfo, ...]]:

@@ -68,7 +68,7 @@ SAMPLE_RATE = Field("SAMPLE_RATE", "INT32", "INT32", optional=False)
 SEGMENT_INDEX = Field("SEGMENT_INDEX", "INT32", "INT32", optional=False)  # -1 on the non-streaming response
 SEGMENT_COUNT = Field("SEGMENT_COUNT", "INT32", "INT32", optional=False)
 IS_LAST = Field("IS_LAST", "BOOL", "BOOL", optional=False)  # the last audio chunk of the utterance
-SPEAKER_ID_OUT = Field("SPEAKER_ID", "STRING", "BYTES", optional=False)  # reuse it instead of re-sending audio
+SPEAKER_ID_OUT = Field("SPEAKER", "STRING", "BYTES", optional=False)  # the speaker id: send it back as SPEAKER_ID instead of re-sending audio
 INFO = Field("INFO", "STRING", "BYTES", optional=False)  # JSON: segment text, codes, warnings, timings
 RESPONSE_OUTPUTS = (AUDIO, SAMPLE_RATE, SEGMENT_INDEX, SEGMENT_COUNT, IS_LAST, SPEAKER_ID_OUT, INFO)
 
@@ -101,3 +101,18 @@ def params_from_inputs(values: dict[str, Any], base: GenerationParams = Generati
 
 def info_json(**fields: Any) -> bytes:
     return json.dumps(fields, separators=(",", ":"), default=str).encode()
+
+
+# tts_bls -> gpt_decoder (decoupled: one response per sequence, then the final flag)
+SEQUENCE_ID = Field("SEQUENCE_ID", "STRING", "BYTES", optional=False)
+CANCEL = Field("CANCEL", "BOOL", "BOOL")  # a control request: stop SEQUENCE_ID at the next step
+CONDS = Field("CONDS", "FP32", "FP32", dims=(-1, -1))
+TEXT_IDS = Field("TEXT_IDS", "INT64", "INT64", dims=(-1,))
+TEXT_IDS_RAW = Field("TEXT_IDS_RAW", "INT64", "INT64", dims=(-1,))
+DECODER_INPUTS = (SEQUENCE_ID, CANCEL, CONDS, TEXT_IDS, TEXT_IDS_RAW, *PARAMS.values())
+CODES = Field("CODES", "INT64", "INT64", dims=(-1,), optional=False)
+LATENTS = Field("LATENTS", "FP32", "FP32", dims=(-1, -1), optional=False)
+STOPPED = Field("STOPPED", "BOOL", "BOOL", optional=False)
+CANCELLED = Field("CANCELLED", "BOOL", "BOOL", optional=False)
+GENERATED = Field("GENERATED", "INT32", "INT32", optional=False)
+DECODER_OUTPUTS = (CODES, LATENTS, STOPPED, CANCELLED, GENERATED)
