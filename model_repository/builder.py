@@ -135,8 +135,8 @@ def _plans(opts: RepoOptions) -> dict[str, Path]:
         return {}
     index = json.loads(Path(opts.plans_index).read_text())
     base = Path(opts.plans_index).parent
-    return {name: base / entry["plan"] for name, entry in index.get("plans", index).items() if isinstance(entry, dict)
-            and "plan" in entry}
+    entries = index.get("components", {})  # written by export.tensorrt.build_plans
+    return {name: base / entry["plan"] for name, entry in entries.items() if isinstance(entry, dict) and "plan" in entry}
 
 
 def build_repository(export_dir: str | os.PathLike, out_dir: str | os.PathLike, opts: RepoOptions = RepoOptions()) -> Path:

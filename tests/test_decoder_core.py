@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
@@ -12,7 +10,6 @@ from engine_ref.beam_search import decode_beams
 from engine_ref.generate import decode_sampling, latent_pass, remove_long_silence
 from engine_ref.loader import load_model
 from engine_ref.sampling import GenerationParams
-from export.pipeline import ExportRequest, run_export
 from export.runtime import OrtDecoder
 from model_repository.decoder_core import DecoderScheduler, QueueFull, SequenceRequest, run_to_completion
 
@@ -26,10 +23,8 @@ def model(tiny_model_dir):
 
 
 @pytest.fixture(scope="module")
-def decoder(tiny_model_dir, tmp_path_factory) -> OrtDecoder:
-    out: Path = tmp_path_factory.mktemp("export-core")
-    run_export(ExportRequest(str(tiny_model_dir), out, components=("gpt",)))
-    return OrtDecoder.from_manifest(out)
+def decoder(tiny_export_dir) -> OrtDecoder:
+    return OrtDecoder.from_manifest(tiny_export_dir)
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,6 @@ import tritonclient.http as httpclient
 
 from engine_ref.sampling import GenerationParams
 from engine_ref.synthesizer import Synthesizer
-from export.pipeline import ExportRequest, run_export
 from model_repository import contract as c
 from model_repository.builder import RepoOptions, build_repository
 from model_repository.server import ServerConfig, TritonServer, free_port
@@ -32,10 +31,9 @@ MAX_CHARS = 2000
 
 
 @pytest.fixture(scope="module")
-def server(tiny_model_dir, tmp_path_factory):
+def server(tiny_export_dir, tmp_path_factory):
     work = tmp_path_factory.mktemp("serving")
-    run_export(ExportRequest(str(tiny_model_dir), work / "export"))
-    repo = build_repository(work / "export", work / "repo", RepoOptions(max_sequences=8, max_text_chars=MAX_CHARS))
+    repo = build_repository(tiny_export_dir, work / "repo", RepoOptions(max_sequences=8, max_text_chars=MAX_CHARS))
     srv = TritonServer(ServerConfig(repo, free_port(), free_port(), free_port()))
     srv.start(timeout_s=240)
     yield srv
