@@ -1,4 +1,4 @@
-"""engine_ref's subcommands: preset, verify (alias doctor), download, synth, demo."""
+"""engine_ref's subcommands: preset, verify (alias doctor), download, synth (the demo lives in triton_tts.demo)."""
 
 from __future__ import annotations
 
@@ -9,12 +9,6 @@ from pathlib import Path
 from engine_ref.errors import InputError
 
 log = logging.getLogger("engine_ref.commands")
-
-DEMO_TEXT = (
-    "Hello! This is triton-tts speaking with a tiny random model. It reads numbers like 42 and 2026, "
-    "splits long text into segments, and writes a 24 kHz WAV file."
-)
-
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("preset", help="write a model directory in the official format with deterministic random weights")
@@ -39,11 +33,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("synth", help="synthesize speech with the PyTorch reference engine")
     _add_synth_args(p)
     p.set_defaults(func=cmd_synth)
-
-    p = sub.add_parser("demo", help="the main job on the embedded tiny model: build it, synthesize, write a WAV")
-    p.add_argument("--workdir", default="build/demo", help="where the tiny model and the WAV go")
-    p.add_argument("--text", default=DEMO_TEXT)
-    p.set_defaults(func=cmd_demo)
 
 
 def add_generation_args(p: argparse.ArgumentParser) -> None:
@@ -170,17 +159,3 @@ def ensure_demo_assets(workdir: Path) -> tuple[Path, Path]:
     if not voice.exists():
         write_wav(voice, demo_voice(), 24000)
     return model_dir, voice
-
-
-def cmd_demo(args: argparse.Namespace) -> int:
-    from engine_ref.audio import write_wav
-    from engine_ref.sampling import GenerationParams
-    from engine_ref.synthesizer import Synthesizer
-
-    workdir = Path(args.workdir)
-    model_dir, voice = ensure_demo_assets(workdir)
-    synth = Synthesizer.from_pretrained(model_dir)
-    result = synth.synthesize(args.text, voice, GenerationParams(seed=0))
-    out = write_wav(workdir / "demo.wav", result.pcm16, result.sample_rate)
-    _print_timings(result, out)
-    return 0

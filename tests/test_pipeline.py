@@ -252,7 +252,7 @@ def test_cli_process_prints_no_traceback(tmp_path):
 
 
 def test_demo_command_writes_24k_wav(tmp_path, capsys):
-    assert cli(["demo", "--workdir", str(tmp_path / "demo")]) == 0
+    assert cli(["demo", "--engine-ref", "--workdir", str(tmp_path / "demo")]) == 0
     info = sf.info(tmp_path / "demo" / "demo.wav")
     assert info.samplerate == 24000 and info.channels == 1 and info.frames > 24000 and info.subtype == "PCM_16"
     assert load_config(tmp_path / "demo" / "tiny-model" / "config.yaml").version == "1.5"
