@@ -61,3 +61,20 @@ def test_cpu_entrypoint_brings_the_server_up(tiny_model_dir, tiny_export_dir, vo
                 proc.wait(timeout=10)
         log.close()
     assert proc.returncode is not None
+
+
+def test_demo_command_runs_the_whole_triton_path(tiny_model_dir, tiny_export_dir, voice_wav, tmp_path, capsys):
+    """`make demo`'s command, on a work directory warmed with this session's model and export."""
+    import soundfile as sf
+
+    from triton_tts.cli import main as cli
+
+    work = tmp_path / "demo"
+    shutil.copytree(tiny_model_dir, work / "tiny-model")
+    shutil.copytree(tiny_export_dir, work / "export")
+    shutil.copyfile(voice_wav, work / "voice.wav")
+    assert cli(["demo", "--workdir", str(work)]) == 0
+    out = capsys.readouterr().out
+    assert "up to date" in out and "time to first audio" in out
+    info = sf.info(work / "demo.wav")
+    assert info.samplerate == 24000 and info.channels == 1 and info.frames > 24000
