@@ -134,10 +134,19 @@ class OrtDecoder:
 
     def latents(self, conds: np.ndarray, texts_raw: Sequence[Sequence[int]],
                 codes: Sequence[Sequence[int]]) -> list[np.ndarray]:
-        """Teacher-forced latents [n_i, D] (upstream's second pass): prefill, then codes at positions 1..n-1."""
+        """Teacher-forced latents [n_i, D] (upstream's second pass): prefill, then the codes replayed."""
         _, start_hidden, state = self.prefill(conds, texts_raw)
+        return self.latents_after_prefix(state, start_hidden, codes)
+
+    def latents_after_prefix(self, prefix: KVState, start_hidden: np.ndarray,
+                             codes: Sequence[Sequence[int]]) -> list[np.ndarray]:
+        """Latents from a saved prefix KV ([conds | text | start]) and its start-position hidden state [B, D].
+
+        The start position's latent is the prefill's; codes 1..n-1 are replayed at positions 1..n-1 through the
+        decode graph (right-padded and masked when lengths differ); the last code has no latent of its own.
+        """
         longest = max(len(c) for c in codes)
-        out_rest = None
+        rest = None
         if longest > 1:
             t = longest - 1
             tok = np.zeros((len(codes), t), np.int64)
@@ -148,13 +157,13 @@ class OrtDecoder:
                 tok[r, :k] = c[:k]
                 pos[r, :k] = np.arange(1, k + 1)
                 valid[r, :k] = True
-            _, out_rest, _ = self.decode(tok, pos, state, valid)
+            _, rest, _ = self.decode(tok, pos, prefix, valid)
         result = []
         for r, c in enumerate(codes):
-            rows = [start_hidden[r : r + 1]]
+            parts = [start_hidden[r : r + 1]]
             if len(c) > 1:
-                rows.append(out_rest[r, : len(c) - 1])
-            result.append(np.concatenate(rows, axis=0)[: len(c)])
+                parts.append(rest[r, : len(c) - 1])
+            result.append(np.concatenate(parts, axis=0)[: len(c)])
         return result
 
     def greedy(self, conds: np.ndarray, text: Sequence[int], params: GenerationParams, seed: int = 0) -> DecodeOutput:

@@ -315,26 +315,7 @@ class DecoderScheduler:
             conds = np.stack([np.asarray(lv.req.conds, np.float32).reshape(-1, lv.req.conds.shape[-1]) for lv in lives])
             return dec.latents(conds, [r if r is not None else lv.req.text_ids for r, lv in zip(raw, lives)], codes)
         state = KVState.join([lv.prefix for lv in lives])
-        longest = max(len(c) for c in codes)
-        rest = None
-        if longest > 1:
-            t = longest - 1
-            tok = np.zeros((len(codes), t), np.int64)
-            pos = np.zeros((len(codes), t), np.int64)
-            valid = np.zeros((len(codes), t), bool)
-            for r, c in enumerate(codes):
-                k = len(c) - 1
-                tok[r, :k] = c[:k]
-                pos[r, :k] = np.arange(1, k + 1)
-                valid[r, :k] = True
-            _, rest, _ = dec.decode(tok, pos, state, valid)
-        out = []
-        for r, (lv, c) in enumerate(zip(lives, codes)):
-            parts = [lv.start_hidden]
-            if len(c) > 1:
-                parts.append(rest[r, : len(c) - 1])
-            out.append(np.concatenate(parts, axis=0)[: len(c)])
-        return out
+        return dec.latents_after_prefix(state, np.concatenate([lv.start_hidden for lv in lives]), codes)
 
     def _finish_cancelled_unstarted(self, req: SequenceRequest) -> None:
         self._deliver(req, SequenceResult(req.seq_id, [], None, False, cancelled=True))
