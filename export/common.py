@@ -89,6 +89,7 @@ def consolidate_external_data(path: Path) -> tuple[str, ...]:
                     size_threshold=1024)
     for name in locations - {data_name}:
         (path.parent / name).unlink(missing_ok=True)
+    (path.parent / data_name).chmod(0o644)  # onnx writes it private; servers often run as another user
     return (data_name,)
 
 
