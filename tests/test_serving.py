@@ -279,3 +279,19 @@ def test_metrics_are_exported(server, reference_audio):
                  "tts_decoder_tokens_per_second", "tts_requests_completed_total"):
         assert name in m, name
     assert m["tts_audio_seconds_total"] > 0 and m["tts_generated_tokens_total"] > 0
+
+
+def test_many_concurrent_requests_keep_the_server_alive(server, reference_audio):
+    """Regression: unserialized messaging from the Python models' worker threads crashed Triton 2.51 (SIGSEGV)."""
+    results: list[Reply | None] = [None] * 32
+
+    def go(i):
+        results[i] = stream(server, TEXTS[i % len(TEXTS)], reference_audio, model=c.BLS_STREAM, **GREEDY)
+
+    threads = [threading.Thread(target=go, args=(i,)) for i in range(32)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert server.process.poll() is None
+    assert all(r is not None and r.error is None and r.last_flags[-1] for r in results)

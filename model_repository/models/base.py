@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -88,8 +89,10 @@ class PythonModel:
 class Metrics:
     """Custom metric families on Triton's metrics endpoint (Python backend MetricFamily)."""
 
-    def __init__(self, pb: Any, model: str):
+    def __init__(self, pb: Any, model: str, lock: threading.Lock | None = None):
         self.pb = pb
+        # Metric updates are messages to the server; from many threads at once they must be serialized.
+        self._lock = lock or threading.Lock()
         self.labels = {"model": model}
         self._families: dict[str, Any] = {}
         self._metrics: dict[str, Any] = {}
@@ -104,8 +107,10 @@ class Metrics:
 
     def inc(self, name: str, value: float = 1.0, description: str = "") -> None:
         if self.pb is not None and value > 0:
-            self._metric(name, "counter", description or name).increment(float(value))
+            with self._lock:
+                self._metric(name, "counter", description or name).increment(float(value))
 
     def set(self, name: str, value: float, description: str = "") -> None:
         if self.pb is not None:
-            self._metric(name, "gauge", description or name).set(float(value))
+            with self._lock:
+                self._metric(name, "gauge", description or name).set(float(value))

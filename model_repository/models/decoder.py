@@ -28,31 +28,44 @@ class DecoderModel(PythonModel):
             providers=providers,
         )
         self.max_mel_tokens = int(self.decoder.prefill_comp.extra["max_mel_tokens"])
-        self.metrics = Metrics(self.pb, self.model_name)
+        # One lock for every message to the server (responses from the scheduler thread, control replies from
+        # execute, metrics): the Python backend's messaging is not safe from several threads at once.
+        self._ipc_lock = threading.Lock()
+        self.metrics = Metrics(self.pb, self.model_name, self._ipc_lock)
         self._rate: deque[tuple[float, int]] = deque(maxlen=64)  # (time, tokens_total) for tokens/s
         self.scheduler = DecoderScheduler(
             self.decoder, max_sequences=self.param("max_sequences", 8, int),
             max_queue=self.param("max_queue", 256, int), on_step=self._on_step,
         ).start()
-        self._lock = threading.Lock()
 
     def _on_step(self, stats: SchedulerStats) -> None:
         now = time.perf_counter()
         self._rate.append((now, stats.tokens_total))
         t0, n0 = self._rate[0]
         tps = (stats.tokens_total - n0) / (now - t0) if now > t0 else 0.0
-        with self._lock:
-            last = getattr(self, "_tokens_reported", 0)
-            self.metrics.inc("tts_generated_tokens_total", stats.tokens_total - last, "mel codes decoded")
-            self._tokens_reported = stats.tokens_total
+        last = getattr(self, "_tokens_reported", 0)
+        self.metrics.inc("tts_generated_tokens_total", stats.tokens_total - last, "mel codes decoded")
+        self._tokens_reported = stats.tokens_total
         self.metrics.set("tts_decoder_active_sequences", stats.active, "sequences being decoded now")
         self.metrics.set("tts_decoder_queued_sequences", stats.queued, "sequences waiting for a decoder slot")
         self.metrics.set("tts_decoder_tokens_per_second", tps, "decode throughput over the recent steps")
         self.metrics.set("tts_decoder_batch_rows", stats.last_batch_rows, "rows in the last decode step")
 
+    def _cancelled(self, sender) -> bool:
+        with self._ipc_lock:
+            return bool(sender.is_cancelled())
+
+    def _send(self, sender, response=None) -> None:
+        final = self.pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+        with self._ipc_lock:
+            if response is None:
+                sender.send(flags=final)
+            else:
+                sender.send(response, flags=final)
+
     def _respond(self, sender, result: SequenceResult) -> None:
         if result.error:
-            sender.send(self.error_response(RuntimeError(result.error)), flags=self.pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+            self._send(sender, self.error_response(RuntimeError(result.error)))
             return
         dim = self.decoder.prefill_comp.extra["model_dim"]
         latents = result.latents if result.latents is not None else np.zeros((0, dim), np.float32)
@@ -63,7 +76,7 @@ class DecoderModel(PythonModel):
             self.out(c.CANCELLED.name, np.array([result.cancelled])),
             self.out(c.GENERATED.name, np.array([result.generated], np.int32)),
         ])
-        sender.send(response, flags=self.pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+        self._send(sender, response)
 
     def _parse(self, request, sender) -> SequenceRequest:
         seq_id = self.text_of(self.tensor(request, c.SEQUENCE_ID.name))
@@ -80,7 +93,7 @@ class DecoderModel(PythonModel):
         return SequenceRequest(
             seq_id=seq_id, conds=conds.astype(np.float32), text_ids=[int(i) for i in ids], params=params,
             seed=int(params.seed or 0), on_done=lambda r, s=sender: self._respond(s, r),
-            text_ids_raw=None if raw is None else [int(i) for i in raw], is_cancelled=sender.is_cancelled,
+            text_ids_raw=None if raw is None else [int(i) for i in raw], is_cancelled=lambda s=sender: self._cancelled(s),
         )
 
     def execute(self, requests):
@@ -89,14 +102,14 @@ class DecoderModel(PythonModel):
             try:
                 if bool(self.scalar(self.tensor(request, c.CANCEL.name)) or False):
                     self.scheduler.cancel(self.text_of(self.tensor(request, c.SEQUENCE_ID.name)) or "")
-                    sender.send(flags=self.pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+                    self._send(sender)
                     continue
                 self.scheduler.submit(self._parse(request, sender))
             except QueueFull as exc:
-                sender.send(self.error_response(TTSError(f"the server is at capacity ({exc})", "retry later or scale out")),
-                            flags=self.pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+                self._send(sender, self.error_response(TTSError(f"the server is at capacity ({exc})",
+                                                                "retry later or scale out")))
             except Exception as exc:
-                sender.send(self.error_response(exc), flags=self.pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+                self._send(sender, self.error_response(exc))
         return None
 
     def finalize(self) -> None:

@@ -76,46 +76,74 @@ class TtsModel(PythonModel):
         self._speaker_lock = threading.Lock()
         self._mel = LogMelSpectrogram()
         self._pool = ThreadPoolExecutor(max_workers=self.param("decoder_calls", 64, int), thread_name_prefix="tts-dec")
-        self.metrics = Metrics(self.pb, self.model_name)
+        # The Python backend's stub-to-server messaging is not safe from many threads at once (Triton 2.51 crashes
+        # under concurrent requests): every call that messages the server goes through this lock, except waiting
+        # for a decoupled decoder response, which only reads.
+        self._ipc_lock = threading.Lock()
+        self.metrics = Metrics(self.pb, self.model_name, self._ipc_lock)
         self._active = 0
         self._counts = {"hits": 0, "misses": 0}
         self._state_lock = threading.Lock()
 
     # --- Triton entry points ----------------------------------------------------------------------------------
     def execute(self, requests):
+        # Everything a worker thread needs is taken from the request here, inside execute: the backend's request
+        # objects are not safe to read from other threads once execute has returned (seen: SIGSEGV under load).
+        snapshots = [self._snapshot(r) for r in requests]
         if self.decoupled:
-            for request in requests:
-                threading.Thread(target=self._serve_stream, args=(request,), daemon=True).start()
+            for request, inputs in zip(requests, snapshots):
+                sender = request.get_response_sender()
+                threading.Thread(target=self._serve_stream, args=(inputs, sender), daemon=True).start()
             return None
         results: list[Any] = [None] * len(requests)
-        threads = [threading.Thread(target=self._serve_offline, args=(r, results, i)) for i, r in enumerate(requests)]
+        threads = [threading.Thread(target=self._serve_offline, args=(inp, results, i))
+                   for i, inp in enumerate(snapshots)]
         for t in threads:
             t.start()
         for t in threads:
             t.join()
         return results
 
+    def _snapshot(self, request) -> dict[str, np.ndarray]:
+        out = {}
+        for spec in self.model_config.get("input", []):
+            value = self.tensor(request, spec["name"])
+            if value is not None:
+                out[spec["name"]] = np.array(value, copy=True)
+        return out
+
     def finalize(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
-    def _serve_stream(self, request) -> None:
-        sender = request.get_response_sender()
+    def _serve_stream(self, request: dict, sender) -> None:
         final = self.pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL
         try:
             stream = self._bool(request, c.STREAM, default=True)
             if stream:
-                self._run(request, lambda chunk: sender.send(self._response(chunk)), request.is_cancelled)
+                self._run(request, lambda chunk: self._send(sender, self._response(chunk)),
+                          lambda: self._cancelled(sender))
             else:
                 chunks: list[dict] = []
-                self._run(request, chunks.append, request.is_cancelled)
-                sender.send(self._response(self._merge(chunks)))
-            sender.send(flags=final)
+                self._run(request, chunks.append, lambda: self._cancelled(sender))
+                self._send(sender, self._response(self._merge(chunks)))
+            self._send(sender, flags=final)
         except Cancelled:
-            sender.send(flags=final)
+            self._send(sender, flags=final)
         except Exception as exc:
-            sender.send(self.error_response(exc), flags=final)
+            self._send(sender, self.error_response(exc), flags=final)
 
-    def _serve_offline(self, request, results: list, index: int) -> None:
+    def _cancelled(self, sender) -> bool:
+        with self._ipc_lock:
+            return bool(sender.is_cancelled())
+
+    def _send(self, sender, response=None, flags: int = 0) -> None:
+        with self._ipc_lock:
+            if response is None:
+                sender.send(flags=flags)
+            else:
+                sender.send(response, flags=flags)
+
+    def _serve_offline(self, request: dict, results: list, index: int) -> None:
         try:
             chunks: list[dict] = []
             self._run(request, chunks.append, lambda: False)
@@ -124,7 +152,7 @@ class TtsModel(PythonModel):
             results[index] = self.error_response(exc)
 
     # --- the pipeline -----------------------------------------------------------------------------------------
-    def _run(self, request, emit: Callable[[dict], None], is_cancelled: Callable[[], bool]) -> None:
+    def _run(self, request: dict, emit: Callable[[dict], None], is_cancelled: Callable[[], bool]) -> None:
         start = time.perf_counter()
         with self._state_lock:
             self._active += 1
@@ -146,39 +174,39 @@ class TtsModel(PythonModel):
             self.metrics.set("tts_active_requests", self._active)
             self.metrics.inc(f"tts_requests_{status}_total", 1, f"requests {status}")
 
-    def _bool(self, request, field: c.Field, default: bool) -> bool:
-        v = self.scalar(self.tensor(request, field.name))
+    def _bool(self, request: dict, field: c.Field, default: bool) -> bool:
+        v = self.scalar(request.get(field.name))
         return default if v is None else bool(v)
 
-    def _params(self, request) -> GenerationParams:
-        values = {f.name: self.tensor(request, f.name) for f in c.PARAMS.values()}
+    def _params(self, request: dict) -> GenerationParams:
+        values = {f.name: request.get(f.name) for f in c.PARAMS.values()}
         params = c.params_from_inputs(values)
         params.validate(self.cfg.gpt)
         return params
 
-    def _segments(self, request) -> Segments:
-        ids = self.tensor(request, c.SEGMENT_IDS.name)
+    def _segments(self, request: dict) -> Segments:
+        ids = request.get(c.SEGMENT_IDS.name)
         if ids is None:  # TEXT sent directly to the BLS: run preprocess ourselves
-            text = self.tensor(request, c.TEXT.name)
+            text = request.get(c.TEXT.name)
             if text is None:
                 raise InputError("the request has no TEXT", "send the text to synthesize as TEXT (BYTES, shape [1])")
             inputs = [self.pb.Tensor(c.TEXT.name, text)]
-            mt = self.tensor(request, c.MAX_TEXT_TOKENS_PER_SEGMENT.name)
+            mt = request.get(c.MAX_TEXT_TOKENS_PER_SEGMENT.name)
             if mt is not None:
                 inputs.append(self.pb.Tensor(c.MAX_TEXT_TOKENS_PER_SEGMENT.name, mt))
             out = self._call(c.PREPROCESS, inputs, [f.name for f in c.PREPROCESS_OUTPUTS])
             ids, lengths, texts = out[c.SEGMENT_IDS.name], out[c.SEGMENT_LENGTHS.name], out[c.SEGMENT_TEXTS.name]
         else:
-            lengths = self.tensor(request, c.SEGMENT_LENGTHS.name)
-            texts = self.tensor(request, c.SEGMENT_TEXTS.name)
+            lengths = request.get(c.SEGMENT_LENGTHS.name)
+            texts = request.get(c.SEGMENT_TEXTS.name)
         bounds = np.concatenate([[0], np.cumsum(lengths)]).astype(int)
         seg_ids = [[int(x) for x in ids[bounds[i]: bounds[i + 1]]] for i in range(len(lengths))]
         seg_texts = [t.decode("utf-8", "replace") if isinstance(t, bytes) else str(t) for t in texts]
         return Segments(seg_ids, seg_texts)
 
-    def _speaker(self, request) -> tuple[Speaker, bool]:
-        audio = self.scalar(self.tensor(request, c.REFERENCE_AUDIO.name))
-        speaker_id = self.text_of(self.tensor(request, c.SPEAKER_ID.name))
+    def _speaker(self, request: dict) -> tuple[Speaker, bool]:
+        audio = self.scalar(request.get(c.REFERENCE_AUDIO.name))
+        speaker_id = self.text_of(request.get(c.SPEAKER_ID.name))
         if audio is None or len(audio) == 0:
             if not speaker_id:
                 raise InputError("the request has neither REFERENCE_AUDIO nor SPEAKER_ID",
@@ -310,7 +338,8 @@ class TtsModel(PythonModel):
     # --- calls to other models --------------------------------------------------------------------------------
     def _call(self, model: str, inputs: list, outputs: list[str]) -> dict[str, np.ndarray]:
         req = self.pb.InferenceRequest(model_name=model, requested_output_names=outputs, inputs=inputs)
-        resp = req.exec()
+        with self._ipc_lock:
+            resp = req.exec()
         if resp.has_error():
             raise RemoteError(resp.error().message())
         return {name: self.pb.get_output_tensor_by_name(resp, name).as_numpy() for name in outputs}
@@ -336,7 +365,9 @@ class TtsModel(PythonModel):
         req = self.pb.InferenceRequest(model_name=c.DECODER, inputs=inputs,
                                        requested_output_names=[f.name for f in c.DECODER_OUTPUTS])
         result = None
-        for resp in req.exec(decoupled=True):
+        with self._ipc_lock:
+            responses = req.exec(decoupled=True)
+        for resp in responses:
             if resp.has_error():
                 raise RemoteError(resp.error().message())
             codes = self.pb.get_output_tensor_by_name(resp, c.CODES.name)
@@ -357,7 +388,9 @@ class TtsModel(PythonModel):
             self.pb.Tensor(c.SEQUENCE_ID.name, np.array([seq_id.encode()], dtype=np.object_)),
             self.pb.Tensor(c.CANCEL.name, np.array([True])),
         ])
-        for _ in req.exec(decoupled=True):
+        with self._ipc_lock:
+            responses = req.exec(decoupled=True)
+        for _ in responses:
             pass
 
     def _vocode(self, latents: np.ndarray, spk: np.ndarray) -> np.ndarray:
