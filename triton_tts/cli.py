@@ -16,7 +16,10 @@ from typing import Callable, Sequence
 from engine_ref.errors import TTSError
 
 # Modules exposing `register(subparsers)`; each added subparser sets `func=handler(args) -> int`.
-COMMAND_MODULES = ("engine_ref.commands", "export.commands", "model_repository.commands", "client.commands", "triton_tts.demo")
+COMMAND_MODULES = (
+    "engine_ref.commands", "export.commands", "model_repository.commands", "client.commands", "perf.commands",
+    "triton_tts.demo",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,433 @@
+"""The suite's report: markdown tables, PNG plots, the raw JSON, and the results index (perf/results/README.md).
+
+Files are named `bench-<preset>-<YYYYmmdd-HHMM>-<host>` so runs never overwrite each other; every report carries
+the machine (CPU, cores), git commit, exact command and preset. The targets of the serving issue are evaluated
+here, each as measured / goal / met, with the ratio to engine_ref from the same run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import json
+import math
+import re
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+from engine_ref.errors import TTSError
+from perf.stats import ratio, sequential_throughput
+
+__all__ = ["PlottingUnavailable", "check_plotting", "report_stem", "Target", "targets", "render", "write_report",
+           "expected_rows", "to_plain"]
+
+
+class PlottingUnavailable(TTSError):
+    """matplotlib is missing: the report's plots cannot be drawn."""
+
+
+def check_plotting() -> None:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise PlottingUnavailable("the benchmark draws its plots with matplotlib, which is not installed",
+                                  "pip install 'matplotlib>=3.8,<4'") from None
+
+
+def report_stem(preset: str, machine: dict) -> str:
+    host = re.sub(r"[^A-Za-z0-9.-]+", "-", str(machine.get("host", "host")))[:40] or "host"
+    return f"bench-{preset}-{dt.datetime.now().strftime('%Y%m%d-%H%M')}-{host}"
+
+
+def to_plain(obj: Any) -> Any:
+    """JSON-ready: dataclasses as dicts (with their derived figures), Paths as str, NaN/inf as None."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        out = {f.name: to_plain(getattr(obj, f.name)) for f in dataclasses.fields(obj) if not f.name.startswith("_")}
+        for prop in ("audio_per_wall", "requests_per_s", "rtf", "ok"):
+            if isinstance(getattr(type(obj), prop, None), property):
+                out[prop] = to_plain(getattr(obj, prop))
+        return out
+    if isinstance(obj, dict):
+        return {str(k): to_plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_plain(v) for v in obj]
+    if isinstance(obj, Path):
+        return str(obj)
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+# ------------------------------------------------------------------------------------------------------- figures
+
+
+def _f(x: float | None, digits: int = 3) -> str:
+    return "n/a" if x is None or not math.isfinite(float(x)) else f"{float(x):.{digits}f}"
+
+
+def _x(x: float | None) -> str:
+    return "n/a" if x is None or not math.isfinite(float(x)) else f"{float(x):.2f}x"
+
+
+def _ref_items(result, scenario: str) -> list:
+    return [r for r in result.ref if r.scenario == scenario]
+
+
+def _ref_median(result, scenario: str, attr: str) -> float:
+    vals = [getattr(r, attr) for r in _ref_items(result, scenario)]
+    vals = [v for v in vals if v is not None and math.isfinite(v)]
+    return statistics.median(vals) if vals else float("nan")
+
+
+def _ref_sequential(result, scenario: str, n: int) -> float:
+    """engine_ref serving the level's n requests (the scenario's items cycled) one after another."""
+    items = _ref_items(result, scenario)
+    if not items:
+        return float("nan")
+    chosen = [items[i % len(items)] for i in range(n)]
+    return sequential_throughput([r.audio_s for r in chosen], [r.total_s for r in chosen])
+
+
+def _level(levels: Sequence, scenario: str, concurrency: int):
+    return next((lv for lv in levels if lv.scenario == scenario and lv.concurrency == concurrency), None)
+
+
+@dataclass(frozen=True)
+class Target:
+    key: str
+    what: str
+    measured: str
+    goal: str
+    met: bool | None  #: None: not measured in this run
+
+
+def _status(met: bool | None) -> str:
+    return "not measured" if met is None else ("**met**" if met else "**NOT met**")
+
+
+def targets(result) -> list[Target]:
+    """The serving issue's targets, one row per scenario where measured."""
+    out: list[Target] = []
+    for sc in result.config.scenarios:
+        lv1 = _level(result.levels, sc.name, 1)
+        ref_rtf = _ref_median(result, sc.name, "rtf")
+        if lv1 is not None:
+            r = ratio(lv1.rtf.p50, ref_rtf)
+            out.append(Target(f"T1 {sc.name}", "single stream fp32: served RTF <= 1.1x engine_ref's",
+                              f"{_f(lv1.rtf.p50)} vs {_f(ref_rtf)} = {_x(r)}", "<= 1.10x",
+                              None if math.isnan(r) else r <= 1.1))
+        lv8 = _level(result.levels, sc.name, 8)
+        if lv8 is not None:
+            seq = _ref_sequential(result, sc.name, 8)
+            r_ref = ratio(lv8.audio_per_wall, seq)
+            out.append(Target(f"T2a {sc.name}", "8 concurrent: audio s per wall s >= 4x engine_ref, same 8 one after "
+                              "another", f"{_f(lv8.audio_per_wall, 2)} vs {_f(seq, 2)} = {_x(r_ref)}", ">= 4.00x",
+                              None if math.isnan(r_ref) else r_ref >= 4.0))
+            if lv1 is not None:
+                r_c1 = ratio(lv8.audio_per_wall, lv1.audio_per_wall)
+                out.append(Target(f"T2b {sc.name}", "8 concurrent: audio s per wall s >= 3x served at concurrency 1",
+                                  f"{_f(lv8.audio_per_wall, 2)} vs {_f(lv1.audio_per_wall, 2)} = {_x(r_c1)}",
+                                  ">= 3.00x", None if math.isnan(r_c1) else r_c1 >= 3.0))
+    for fs in result.first_segment:
+        r = ratio(fs.ttfa_s, fs.alone_s)
+        out.append(Target(f"T3 {fs.scenario}[{fs.text_index}]", "streaming TTFA within 1.2x of the first segment "
+                          "alone", f"{_f(fs.ttfa_s)} s vs {_f(fs.alone_s)} s = {_x(r)}", "<= 1.20x",
+                          None if math.isnan(r) else r <= 1.2))
+    for var in result.variants:
+        for lv in var.levels:
+            ref_rtf = _ref_median(result, lv.scenario, "rtf")
+            r = ratio(lv.rtf.p50, ref_rtf)
+            out.append(Target(f"T4 {var.precision} {lv.scenario}", f"{var.precision} decoder single stream: served "
+                              "RTF <= 0.3x engine_ref fp32", f"{_f(lv.rtf.p50)} vs {_f(ref_rtf)} = {_x(r)}",
+                              "<= 0.30x", None if math.isnan(r) else r <= 0.3))
+        if var.error:
+            out.append(Target(f"T4 {var.precision}", f"{var.precision} decoder single stream", var.error[:120],
+                              "<= 0.30x", None))
+    return out
+
+
+# ------------------------------------------------------------------------------------------------------ rendering
+
+
+def _table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return lines
+
+
+def expected_rows(cfg) -> list[str]:
+    """Row labels every complete report of `cfg` carries (the smoke test checks them)."""
+    rows = [f"| ref {sc.name}[{i}] |" for sc in cfg.scenarios for i in range(len(sc.texts))]
+    rows += [f"| {sc.name} c={c} |" for sc in cfg.scenarios for c in sc.concurrency]
+    rows += [f"| T1 {sc.name} |" for sc in cfg.scenarios if 1 in sc.concurrency]
+    rows += [f"| T2a {sc.name} |" for sc in cfg.scenarios if 8 in sc.concurrency]
+    rows += [f"| {v} {sc.name} c=1 |" for v in cfg.variants for sc in cfg.scenarios]
+    rows += [f"| T4 {v} {sc.name} |" for v in cfg.variants for sc in cfg.scenarios]
+    if cfg.perf_analyzer:
+        rows += [f"| pa c={c} |" for c in cfg.pa_concurrency]
+    rows += ["| soak |", "| decode floor fp32 |", "| vocoder |"]
+    return rows
+
+
+def _machine_lines(result) -> list[str]:
+    m, cfg = result.machine, result.config
+    lines = [
+        f"- date: {m.get('date')}; host: `{m.get('host')}`; CPU: {m.get('cpu')}, {m.get('cores')} cores; "
+        f"load average at start: {m.get('load_avg_at_start', 'n/a')}, at end: {m.get('load_avg_at_end', 'n/a')} "
+        "(above the core count: other processes competed for the CPU)",
+        f"- commit: `{m.get('commit')}`; python {m.get('python')}, torch {m.get('torch')}, onnxruntime "
+        f"{m.get('onnxruntime')}",
+        f"- command: `{m.get('command')}`",
+        f"- preset: **{cfg.preset}**; greedy decoding (do_sample=false, num_beams=1, seed 0); decoder max_sequences "
+        f"{cfg.max_sequences}; threads {cfg.threads or 'default'}; voices {', '.join(f'{v:g} s' for v in cfg.voices)}",
+        "- scenarios: " + "; ".join(
+            f"{sc.name} ({len(sc.texts)} text(s), {min(len(t) for t in sc.texts)}-{max(len(t) for t in sc.texts)} "
+            f"chars) at concurrency {', '.join(map(str, sc.concurrency))}, max({sc.min_requests}, "
+            f"{sc.per_stream} x c) requests per level" for sc in cfg.scenarios),
+        f"- warm-up: every request {cfg.warmup_rounds}x before measuring; engine_ref: median of "
+        f"{cfg.engine_ref_reps} after a warm-up call {'per request' if cfg.engine_ref_warmup_each else 'per voice'}; "
+        f"first-segment check: median of {cfg.first_segment_reps}",
+    ]
+    lines.append(f"- tritonserver arguments beyond the defaults: `{' '.join(cfg.server_args) or 'none'}`")
+    lines += [f"- note: {n}" for n in result.notes]
+    if result.timings:
+        lines.append("- phases: " + ", ".join(f"{k[:-2]} {v:.0f} s" for k, v in result.timings.items()))
+    return lines
+
+
+def render(result, stem: str) -> str:
+    cfg = result.config
+    out = [f"# Serving benchmark: {cfg.preset} preset", ""]
+    out += _machine_lines(result) + [""]
+
+    out += ["## Targets of the serving issue", ""]
+    tg = targets(result)
+    out += _table(["target", "what", "measured", "goal", "status"],
+                  ([t.key, t.what, t.measured, t.goal, _status(t.met)] for t in tg))
+    out += [""]
+
+    out += ["## engine_ref (PyTorch), sequential, same texts and voices", ""]
+    out += _table(["request", "voice", "chars", "segments", "first segment s", "total s", "audio s", "RTF",
+                   "decode ms/token", "vocoder RTF"],
+                  ([f"ref {r.scenario}[{r.text_index}]", r.voice, r.chars, r.segments, _f(r.first_segment_s),
+                    _f(r.total_s), _f(r.audio_s, 2), _f(r.rtf), _f(1e3 * ratio(r.generate_s, r.tokens), 1),
+                    _f(ratio(r.vocoder_s, r.audio_s))] for r in result.ref))
+    out += [""]
+
+    out += ["## Served: our async gRPC streaming client (tts_bls)", "",
+            "TTFA = time to first audio; latency = to the last chunk; ratios are served / engine_ref (same run): "
+            "TTFA vs engine_ref's first segment, RTF vs engine_ref's RTF, throughput vs engine_ref serving the same "
+            "requests one after another.", ""]
+    rows = []
+    for lv in result.levels:
+        ref_first = _ref_median(result, lv.scenario, "first_segment_s")
+        ref_rtf = _ref_median(result, lv.scenario, "rtf")
+        seq = _ref_sequential(result, lv.scenario, lv.requests)
+        rows.append([f"{lv.scenario} c={lv.concurrency}", lv.requests, lv.failed,
+                     f"{_f(lv.ttfa_s.p50)} / {_f(lv.ttfa_s.p90)} / {_f(lv.ttfa_s.p99)}",
+                     f"{_f(lv.latency_s.p50)} / {_f(lv.latency_s.p90)} / {_f(lv.latency_s.p99)}",
+                     f"{_f(lv.rtf.p50)} / {_f(lv.rtf.p90)}", _f(lv.audio_per_wall, 2),
+                     _x(ratio(lv.ttfa_s.p50, ref_first)), _x(ratio(lv.rtf.p50, ref_rtf)),
+                     _x(ratio(lv.audio_per_wall, seq))])
+    out += _table(["level", "requests", "failed", "TTFA s p50/p90/p99", "latency s p50/p90/p99", "RTF p50/p90",
+                   "audio s per wall s", "TTFA / ref", "RTF / ref", "throughput / ref"], rows)
+    errors = sorted({e for lv in result.levels for e in lv.errors})
+    out += [""] + [f"- failure seen: {e}" for e in errors] + ([""] if errors else [])
+
+    out += ["## Triton per-model statistics (deltas over each level)", "",
+            "Decoupled models (tts_bls, gpt_decoder) count only their `execute` call (enqueueing); their work shows "
+            "in the client latency and in the leaves they call.", ""]
+    rows = [[f"{key.replace('@', ' c=')} {mt.model}", mt.requests, mt.executions, _f(mt.queue_ms, 2),
+             _f(mt.compute_ms, 2), _f(mt.queue_total_s, 2), _f(mt.compute_total_s, 2)]
+            for key, times in result.model_times.items() for mt in times]
+    out += _table(["level / model", "requests", "executions", "queue ms (mean)", "compute ms (mean)",
+                   "queue s (total)", "compute s (total)"], rows) + [""]
+
+    if result.first_segment:
+        out += ["## Streaming: time to first audio vs the first segment alone (single stream)", ""]
+        out += _table(["request", "TTFA s", "first segment alone s", "ratio", "same codes"],
+                      ([f"first {f.scenario}[{f.text_index}]", _f(f.ttfa_s), _f(f.alone_s),
+                        _x(ratio(f.ttfa_s, f.alone_s)), "yes" if f.same_codes else "no"]
+                       for f in result.first_segment)) + [""]
+
+    if cfg.perf_analyzer:
+        out += ["## perf_analyzer (streaming, gRPC, model tts_bls, scenario "
+                f"{cfg.pa_scenario}, {cfg.pa_trials} windows x {cfg.pa_request_count} requests)", "",
+                "perf_analyzer's own latency for a decoupled model is to the FIRST response (= time to first audio); "
+                "the last-response column comes from its profile export. CSVs and logs: "
+                f"`{stem}/cNN/`.", ""]
+        if result.pa_error:
+            out += [f"perf_analyzer did not run: {result.pa_error}", ""]
+        rows = []
+        for pa in result.pa:
+            if pa.error:
+                rows.append([f"pa c={pa.concurrency}", "failed", pa.error[:100], "", "", "", ""])
+                continue
+            row = pa.row
+            rows.append([f"pa c={pa.concurrency}", _f(row.get("Inferences/Second"), 3),
+                         " / ".join(_f(row.get(f"p{p} latency", math.nan) / 1e6) for p in (50, 90, 99)),
+                         _f(pa.latency_s.p50 if pa.latency_s else math.nan),
+                         _f(row.get("Server Queue", math.nan) / 1e3, 2),
+                         _f(row.get("Server Compute Infer", math.nan) / 1e3, 2), pa.requests])
+        out += _table(["level", "infer/s", "first response s p50/p90/p99", "last response s p50",
+                       "server queue ms", "server compute ms", "requests (profile)"], rows) + [""]
+        leaf_rows = [[f"pa c={pa.concurrency} {lf.model}", lf.requests, _f(lf.avg_us / 1e3, 2),
+                      _f(lf.queue_us / 1e3, 2), _f(lf.compute_us / 1e3, 2)]
+                     for pa in result.pa for lf in pa.leaves]
+        if leaf_rows:
+            out += ["Composing models (--bls-composing-models):", ""]
+            out += _table(["level / model", "requests", "avg ms", "queue ms", "compute ms"], leaf_rows) + [""]
+
+    out += ["## Soak: resident memory of tritonserver and its model processes", ""]
+    if result.soak is not None:
+        s, lv = result.soak, result.soak_level
+        out += _table(["check", "requests", "warm-up", "RSS at end of warm-up MiB", "final MiB", "max MiB",
+                       "drift", "limit", "status", "audio s per wall s"],
+                      [["soak", s.samples, cfg.soak_warmup, _f(s.baseline_mb, 0), _f(s.final_mb, 0), _f(s.max_mb, 0),
+                        f"{100 * s.drift:+.2f} %", f"{100 * s.limit:.0f} %", _status(s.ok),
+                        _f(lv.audio_per_wall if lv else math.nan, 2)]])
+        out += ["", f"![memory]({stem}-memory.png)", ""]
+
+    out += ["## Floors next to the achieved figures", ""]
+    fl = result.floors
+    rows = []
+    for precision, d in fl.get("decode", {}).items():
+        achieved = [v for k, v in result.served_tokens.items()]
+        ref_ms = statistics.median([1e3 * ratio(r.generate_s, r.tokens) for r in result.ref]) if result.ref else math.nan
+        rows.append([f"decode floor {precision}", f"{d['weight_bytes'] / 1e6:.1f} MB streamed per step",
+                     f"{_f(d['floor_ms'], 2)} ms/step",
+                     (f"engine_ref eager {_f(ref_ms, 1)} ms/token; served (fp32, c=1, whole request incl. vocoder) "
+                      f"{_f(statistics.median(achieved), 1) if achieved else 'n/a'} ms/token")
+                     if precision == "fp32" else "served: see the variant table"])
+    ref_voc = statistics.median([ratio(r.vocoder_s, r.audio_s) for r in result.ref]) if result.ref else math.nan
+    rows.append(["vocoder", f"{_f(fl.get('vocoder_gflop_per_audio_s'), 1)} GFLOP per audio s",
+                 f"RTF {_f(fl.get('vocoder_floor_rtf'))} at {_f(fl.get('gemm_gflop_s'), 1)} GFLOP/s (GEMM)",
+                 f"engine_ref eager vocoder RTF {_f(ref_voc)}"])
+    out += [f"Read bandwidth {_f(fl.get('bandwidth_gb_s'), 1)} GB/s and GEMM rate with {fl.get('threads')} "
+            "thread(s), measured in this run.", ""]
+    out += _table(["floor", "work", "floor", "achieved"], rows) + [""]
+
+    if cfg.variants:
+        out += ["## Weight-only decoder variants, single stream", ""]
+        rows = []
+        for var in result.variants:
+            if var.error:
+                rows.append([f"{var.precision} failed", var.error[:100], "", "", ""])
+            for lv in var.levels:
+                fp32 = _level(result.levels, lv.scenario, 1)
+                rows.append([f"{var.precision} {lv.scenario} c=1", f"{_f(lv.ttfa_s.p50)} / {_f(lv.latency_s.p50)}",
+                             _f(lv.rtf.p50), _x(ratio(lv.rtf.p50, _ref_median(result, lv.scenario, "rtf"))),
+                             _x(ratio(lv.rtf.p50, fp32.rtf.p50 if fp32 else math.nan))])
+        out += _table(["level", "TTFA / latency s p50", "RTF p50", "RTF / engine_ref fp32", "RTF / served fp32"],
+                      rows) + [""]
+
+    out += ["## Plots", "", f"![latency]({stem}-latency.png)", "", f"![throughput]({stem}-throughput.png)", ""]
+    return "\n".join(out)
+
+
+# -------------------------------------------------------------------------------------------------------- plots
+
+
+def _plots(result, out_dir: Path, stem: str) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    scenarios = [sc.name for sc in result.config.scenarios]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name in scenarios:
+        lvs = sorted((lv for lv in result.levels if lv.scenario == name), key=lambda lv: lv.concurrency)
+        if not lvs:
+            continue
+        cs = [lv.concurrency for lv in lvs]
+        line, = ax.plot(cs, [lv.ttfa_s.p50 for lv in lvs], marker="o", label=f"{name} TTFA p50")
+        ax.plot(cs, [lv.latency_s.p50 for lv in lvs], marker="s", linestyle="--", color=line.get_color(),
+                label=f"{name} latency p50")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("concurrent requests")
+    ax.set_ylabel("seconds")
+    ax.set_title(f"{result.config.preset}: latency vs concurrency")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    paths.append(out_dir / f"{stem}-latency.png")
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name in scenarios:
+        lvs = sorted((lv for lv in result.levels if lv.scenario == name), key=lambda lv: lv.concurrency)
+        if not lvs:
+            continue
+        line, = ax.plot([lv.concurrency for lv in lvs], [lv.audio_per_wall for lv in lvs], marker="o",
+                        label=f"{name} served")
+        seq = _ref_sequential(result, name, 8)
+        if math.isfinite(seq):
+            ax.axhline(seq, linestyle=":", color=line.get_color(), label=f"{name} engine_ref sequential")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("concurrent requests")
+    ax.set_ylabel("audio seconds per wall second")
+    ax.set_title(f"{result.config.preset}: throughput vs concurrency")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    paths.append(out_dir / f"{stem}-throughput.png")
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+
+    if result.soak_series:
+        fig, ax = plt.subplots(figsize=(7, 3.5))
+        ax.plot([i for i, _ in result.soak_series], [mb for _, mb in result.soak_series], marker=".")
+        ax.axvline(result.config.soak_warmup, linestyle=":", color="grey", label="end of warm-up")
+        if result.soak is not None:
+            ax.axhline(result.soak.baseline_mb * (1 + result.soak.limit), linestyle="--", color="red",
+                       label=f"+{100 * result.soak.limit:.0f} % limit")
+        ax.set_xlabel("requests completed")
+        ax.set_ylabel("resident MiB")
+        ax.set_title("soak: tritonserver + model processes")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        paths.append(out_dir / f"{stem}-memory.png")
+        fig.savefig(paths[-1], dpi=110)
+        plt.close(fig)
+    return paths
+
+
+def _index(result, out_dir: Path, stem: str) -> Path:
+    """out_dir/README.md: the latest report's targets and summary, and the command that made it."""
+    cfg = result.config
+    lines = ["# Benchmark results", "",
+             f"Latest serving benchmark: [{stem}]({stem}.md) ({cfg.preset} preset, {result.machine.get('cpu')}, "
+             f"{result.machine.get('cores')} cores, commit `{result.machine.get('commit')}`), made by:", "",
+             "```bash", str(result.machine.get("command")), "```", ""]
+    lines += _table(["target", "measured", "goal", "status"],
+                    ([t.key, t.measured, t.goal, _status(t.met)] for t in targets(result)))
+    lines += ["", "Single stream and 8 concurrent (our client):", ""]
+    rows = []
+    for lv in result.levels:
+        if lv.concurrency in (1, 8):
+            rows.append([f"{lv.scenario} c={lv.concurrency}", _f(lv.ttfa_s.p50), _f(lv.latency_s.p50),
+                         _f(lv.rtf.p50), _f(lv.audio_per_wall, 2),
+                         _x(ratio(lv.rtf.p50, _ref_median(result, lv.scenario, "rtf")))])
+    lines += _table(["level", "TTFA p50 s", "latency p50 s", "RTF p50", "audio s per wall s", "RTF / engine_ref"], rows)
+    lines += ["", "Older reports stay beside this file, named bench-<preset>-<date>-<host>.md.", ""]
+    path = out_dir / "README.md"
+    path.write_text("\n".join(lines))
+    return path
+
+
+def write_report(result, stem: str) -> Path:
+    """<out>/<stem>.md, .json and PNGs; the index README.md points at it. Returns the markdown's path."""
+    out_dir = Path(result.config.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _plots(result, out_dir, stem)
+    md = out_dir / f"{stem}.md"
+    md.write_text(render(result, stem))
+    (out_dir / f"{stem}.json").write_text(json.dumps(to_plain(result), indent=1))
+    _index(result, out_dir, stem)
+    return md
