@@ -20,7 +20,7 @@ from engine_ref.errors import ModelFilesError
 MANIFEST_NAME = "manifest.json"
 FORMAT = "triton-tts-export/1"
 # Bump when the exported graphs change meaning, so stale exports are rebuilt rather than reused.
-EXPORT_CODE_VERSION = 1
+EXPORT_CODE_VERSION = 2
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,8 @@ filters are persistent buffers because the official checkpoint stores them (``..
 ``...downsample.lowpass.filter``, shape [1, 1, 12]); we compute the same values at construction so a module that
 was never loaded still behaves correctly, and loading simply overwrites them with the stored copy.
 
-Everything here is ONNX-friendly: replicate padding, depthwise conv / conv_transpose, elementwise math.
+Everything here is ONNX-friendly: replicate padding, depthwise convs (the upsampler in polyphase form),
+elementwise math.
 """
 
 from __future__ import annotations
@@ -79,7 +80,7 @@ class LowPass1d(nn.Module):
 
 
 class UpSample1d(nn.Module):
-    """Integer-ratio upsampler: zero-stuffing + Kaiser-sinc interpolation via conv_transpose1d.
+    """Integer-ratio upsampler: zero-stuffing + Kaiser-sinc interpolation (a transposed conv, run in polyphase form).
 
     `channels` (optional) fixes the depthwise group count at construction; None reads it from the input.
     Output length is exactly ratio * input length.
@@ -99,10 +100,24 @@ class UpSample1d(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         channels = self.channels if self.channels is not None else x.shape[1]
+        length = x.shape[-1]
         x = F.pad(x, (self.pad, self.pad), mode="replicate")
-        # The filter has unit DC gain at the high rate; zero-stuffing divides the energy by `ratio`, hence the gain.
-        x = self.ratio * F.conv_transpose1d(x, self.filter.expand(channels, -1, -1), stride=self.ratio, groups=channels)
-        return x[..., self.crop_left : x.shape[-1] - self.crop_right]
+        # Polyphase form of the zero-stuffed transposed convolution (same sums; 3x faster than ConvTranspose in
+        # ONNX Runtime, 13% off the whole v1.5 vocoder): output sample r*q + p is a `taps/r`-tap filter, the
+        # reversed phase-p taps, over the padded input; the `r` phases are the outputs of one depthwise conv and
+        # interleave back into time. The filter has unit DC gain at the high rate; zero-stuffing divides the energy
+        # by `ratio`, hence the gain.
+        r = self.ratio
+        taps = self.filter.view(-1)
+        phase_taps = taps.shape[0] // r
+        weight = torch.stack([taps[p::r].flip(0) for p in range(r)]) * r
+        y = F.conv1d(x, weight.unsqueeze(1).repeat(channels, 1, 1), groups=channels)
+        batch, _, frames = y.shape
+        y = y.reshape(batch, channels, r, frames).transpose(2, 3).reshape(batch, channels, r * frames)
+        # y starts at high-rate sample r*(phase_taps-1) of the full transposed convolution; keep r*length samples
+        # starting at `crop_left` as the original cropping does.
+        start = self.crop_left - r * (phase_taps - 1)
+        return y[..., start : start + r * length]
 
 
 class DownSample1d(nn.Module):
@@ -130,7 +145,8 @@ class Snake(nn.Module):
         alpha = self.alpha.unsqueeze(0).unsqueeze(-1)
         if self.logscale:
             alpha = torch.exp(alpha)
-        return x + (1.0 / (alpha + _DIV_EPS)) * torch.pow(torch.sin(x * alpha), 2)
+        s = torch.sin(x * alpha)
+        return x + (1.0 / (alpha + _DIV_EPS)) * (s * s)
 
 
 class SnakeBeta(nn.Module):
@@ -149,7 +165,8 @@ class SnakeBeta(nn.Module):
         if self.logscale:
             alpha = torch.exp(alpha)
             beta = torch.exp(beta)
-        return x + (1.0 / (beta + _DIV_EPS)) * torch.pow(torch.sin(x * alpha), 2)
+        s = torch.sin(x * alpha)
+        return x + (1.0 / (beta + _DIV_EPS)) * (s * s)
 
 
 def make_snake(kind: str, channels: int, logscale: bool) -> nn.Module:
