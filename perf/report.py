@@ -398,12 +398,17 @@ def _plots(result, out_dir: Path, stem: str) -> list[Path]:
     return paths
 
 
-def _index(result, out_dir: Path, stem: str) -> Path:
-    """out_dir/README.md: the latest report's targets and summary, and the command that made it."""
+_INDEX_HEAD = ["# Benchmark results", "",
+               "The latest serving benchmark of each preset; older reports stay beside this file, named "
+               "bench-<preset>-<date>-<host>.md.", ""]
+
+
+def _index_section(result, stem: str) -> list[str]:
+    """One preset's part of the index: the report's targets and summary, and the command that made it."""
     cfg = result.config
-    lines = ["# Benchmark results", "",
-             f"Latest serving benchmark: [{stem}]({stem}.md) ({cfg.preset} preset, {result.machine.get('cpu')}, "
-             f"{result.machine.get('cores')} cores, commit `{result.machine.get('commit')}`), made by:", "",
+    lines = [f"## {cfg.preset}", "",
+             f"[{stem}]({stem}.md) ({result.machine.get('cpu')}, {result.machine.get('cores')} cores, "
+             f"commit `{result.machine.get('commit')}`), made by:", "",
              "```bash", str(result.machine.get("command")), "```", ""]
     lines += _table(["target", "measured", "goal", "status"],
                     ([t.key, t.measured, t.goal, _status(t.met)] for t in targets(result)))
@@ -415,9 +420,20 @@ def _index(result, out_dir: Path, stem: str) -> Path:
                          _f(lv.rtf.p50), _f(lv.audio_per_wall, 2),
                          _x(ratio(lv.rtf.p50, _ref_median(result, lv.scenario, "rtf")))])
     lines += _table(["level", "TTFA p50 s", "latency p50 s", "RTF p50", "audio s per wall s", "RTF / engine_ref"], rows)
-    lines += ["", "Older reports stay beside this file, named bench-<preset>-<date>-<host>.md.", ""]
+    return lines + [""]
+
+
+def _index(result, out_dir: Path, stem: str) -> Path:
+    """out_dir/README.md: this run's section replaces its preset's; other presets' sections are kept as they were."""
     path = out_dir / "README.md"
-    path.write_text("\n".join(lines))
+    sections: dict[str, str] = {}
+    if path.is_file():
+        for chunk in path.read_text().split("\n## ")[1:]:
+            name = chunk.split("\n", 1)[0].strip()
+            sections[name] = "## " + chunk.rstrip("\n") + "\n"
+    sections[result.config.preset] = "\n".join(_index_section(result, stem))
+    body = "".join(sections[k] + ("" if sections[k].endswith("\n\n") else "\n") for k in sorted(sections))
+    path.write_text("\n".join(_INDEX_HEAD) + "\n" + body.rstrip("\n") + "\n")
     return path
 
 

@@ -289,6 +289,22 @@ def test_write_report_has_every_row_plots_json_and_index(tmp_path):
     assert "bench-tiny-x-box.md" in index and "triton-tts bench" in index and "| T1 short |" in index
 
 
+def test_index_keeps_one_section_per_preset(tmp_path):
+    """A tiny run must not hide the latest v1.5 report: each preset keeps its own section, replaced by its next run."""
+    from dataclasses import replace
+
+    res = _fake_result(tmp_path)
+    report.write_report(res, "bench-tiny-1-box")
+    big = _fake_result(tmp_path)
+    big.config = replace(big.config, preset="v1.5")
+    report.write_report(big, "bench-v1.5-1-box")
+    report.write_report(res, "bench-tiny-2-box")
+    index = (tmp_path / "README.md").read_text()
+    assert index.count("## tiny") == 1 and index.count("## v1.5") == 1 and index.count("# Benchmark results") == 1
+    assert "bench-tiny-2-box.md" in index and "bench-tiny-1-box.md" not in index and "bench-v1.5-1-box.md" in index
+    assert index.index("## tiny") < index.index("## v1.5")
+
+
 # ------------------------------------------------------------------------------------------- smoke: the real suite
 
 TWO_SEGMENTS = " ".join(["The morning train was late again, so Maria read her book by the window.",
