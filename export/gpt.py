@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -175,8 +176,49 @@ def _finish(model, out_dir: Path, comp: Component, opts: ExportOptions, verifier
     return comp
 
 
-def _feeds_kv(names: list[str], kv: list[np.ndarray]) -> dict[str, np.ndarray]:
-    return dict(zip(names, kv))
+@dataclass(frozen=True)
+class DecodeCase:
+    """One decode-graph parity input: the graph's feeds and the float32 tensors engine_ref gets for them."""
+
+    label: str
+    tokens: torch.Tensor
+    positions: torch.Tensor
+    mask: torch.Tensor
+    past: list[torch.Tensor]  # float32, as the graph sees them (rounded when the graph takes fp16 KV)
+    feeds: dict[str, np.ndarray]
+
+
+def decode_cases(cfg, opts: ExportOptions, kv_dtype: type = np.float32) -> list[DecodeCase]:
+    """Random past KV with a padding hole, T = 1 at growing batch/past and one T > 1 replay; fixed seed.
+
+    verify_decode and export/precision.py's decode_parity both judge on these, so every precision sees the same draws.
+    """
+    names = kv_names(cfg.layers, "past_key_values")
+    hd = cfg.model_dim // cfg.heads
+    gen = torch.Generator().manual_seed(opts.seed + 2)
+    out = []
+    for batch, past_len, new_len in ((1, 40, 1), (2, 64, 1), (opts.max_batch, 256, 1), (3, 50, 6)):
+        tokens = torch.randint(0, cfg.number_mel_codes, (batch, new_len), generator=gen)
+        positions = torch.randint(0, cfg.mel_positions, (batch, new_len), generator=gen)
+        mask = torch.ones(batch, past_len + new_len, dtype=torch.bool)
+        if batch > 1:
+            mask[1, : past_len // 3] = False  # a padded row
+        kv = [(torch.randn(batch, cfg.heads, past_len, hd, generator=gen) * 0.5).numpy().astype(kv_dtype)
+              for _ in names]
+        feeds = {"mel_tokens": tokens.numpy(), "mel_positions": positions.numpy(),
+                 "attention_mask": mask.to(torch.int64).numpy(), **dict(zip(names, kv))}
+        past = [torch.from_numpy(a.astype(np.float32)) for a in kv]
+        out.append(DecodeCase(f"batch={batch} past={past_len} new={new_len}", tokens, positions, mask, past, feeds))
+    return out
+
+
+@torch.inference_mode()
+def decode_reference(uv: UnifiedVoice, case: DecodeCase) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
+    """engine_ref's logits (last position), hidden (all new positions) and present KV for one DecodeCase."""
+    pairs = [(case.past[2 * i], case.past[2 * i + 1]) for i in range(uv.cfg.layers)]
+    ref_h, ref_kv = uv.decode(uv.mel_embeds(case.tokens, case.positions), case.mask, pairs)
+    return (uv.mel_logits(ref_h[:, -1]).numpy(), uv.latents(ref_h).numpy(),
+            [t.numpy() for kv in ref_kv for t in kv])
 
 
 @torch.inference_mode()
@@ -213,36 +255,20 @@ def verify_prefill(model: LoadedModel, out_dir: Path, comp: Component, opts: Exp
 @torch.inference_mode()
 def verify_decode(model: LoadedModel, out_dir: Path, comp: Component, opts: ExportOptions) -> Parity:
     """Decode graph vs engine_ref on random past KV (with padding holes) for T = 1 and T > 1."""
-    uv = model.gpt
-    cfg = uv.cfg
     from export.common import session
 
     sess = session(out_dir / comp.file)
-    past_names, present_names = kv_names(cfg.layers, "past_key_values"), kv_names(cfg.layers, "present")
-    hd = cfg.model_dim // cfg.heads
     meter = ErrorMeter()
-    gen = torch.Generator().manual_seed(opts.seed + 2)
-    cases = []
-    for batch, past_len, new_len in ((1, 40, 1), (2, 64, 1), (opts.max_batch, 256, 1), (3, 50, 6)):
-        tokens = torch.randint(0, cfg.number_mel_codes, (batch, new_len), generator=gen)
-        positions = torch.randint(0, cfg.mel_positions, (batch, new_len), generator=gen)
-        mask = torch.ones(batch, past_len + new_len, dtype=torch.bool)
-        if batch > 1:
-            mask[1, : past_len // 3] = False  # a padded row
-        past = [torch.randn(batch, cfg.heads, past_len, hd, generator=gen) * 0.5 for _ in past_names]
-        feeds = {"mel_tokens": tokens.numpy(), "mel_positions": positions.numpy(),
-                 "attention_mask": mask.to(torch.int64).numpy(), **_feeds_kv(past_names, [p.numpy() for p in past])}
-        logits, hidden, *presents = sess.run(None, feeds)
-        with torch.inference_mode():
-            pairs = [(past[2 * i], past[2 * i + 1]) for i in range(cfg.layers)]
-            ref_h, ref_kv = uv.decode(uv.mel_embeds(tokens, positions), mask, pairs)
-        meter.add(logits, uv.mel_logits(ref_h[:, -1]).numpy())
-        meter.add(hidden, uv.latents(ref_h).numpy())
-        for ours, ref in zip(presents, [t for kv in ref_kv for t in kv]):
-            meter.add(ours, ref.numpy())
-        cases.append(f"batch={batch} past={past_len} new={new_len}")
+    cases = decode_cases(model.gpt.cfg, opts)
+    for case in cases:
+        logits, hidden, *presents = sess.run(None, case.feeds)
+        ref_logits, ref_hidden, ref_presents = decode_reference(model.gpt, case)
+        meter.add(logits, ref_logits)
+        meter.add(hidden, ref_hidden)
+        for ours, ref in zip(presents, ref_presents):
+            meter.add(ours, ref)
     check_tolerance(DECODE, meter, FP32_TOLERANCE)
-    return Parity(meter.max_abs, meter.max_rel, FP32_TOLERANCE, tuple(cases))
+    return Parity(meter.max_abs, meter.max_rel, FP32_TOLERANCE, tuple(c.label for c in cases))
 
 
 @torch.inference_mode()

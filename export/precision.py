@@ -59,7 +59,7 @@ from export.common import (
     graph_io,
     session,
 )
-from export.gpt import DECODE, PREFILL, kv_names
+from export.gpt import DECODE, PREFILL, decode_cases, decode_reference, kv_names
 from export.manifest import Component, Parity, component_digest
 
 log = logging.getLogger("export.precision")
@@ -234,43 +234,24 @@ def _np_dtype(comp: Component, name: str) -> type:
     return np.float16 if comp.input(name).dtype == "float16" else np.float32
 
 
-@torch.inference_mode()
 def decode_parity(model: LoadedModel, export_dir: Path, comp: Component, opts: ExportOptions,
                   tolerance: float) -> Parity:
-    """Logits/hidden/present of a decode graph vs engine_ref on export/gpt.py verify_decode's cases (same seed).
+    """Logits/hidden/present of a decode graph vs engine_ref on export/gpt.py's decode_cases (verify_decode's draws).
 
     Parity.max_abs / max_rel are the logits' (what sampling sees); hidden and present errors go to extra.
     """
-    uv = model.gpt
-    cfg = uv.cfg
     sess = session(export_dir / comp.file)
-    past_names = kv_names(cfg.layers, "past_key_values")
-    kv_dtype = _np_dtype(comp, past_names[0])
-    hd = cfg.model_dim // cfg.heads
+    kv_dtype = _np_dtype(comp, kv_names(model.gpt.cfg.layers, "past_key_values")[0])
     logits_m, hidden_m, kv_m = ErrorMeter(), ErrorMeter(), ErrorMeter()
-    gen = torch.Generator().manual_seed(opts.seed + 2)  # the same draws, in the same order, as verify_decode
-    cases = []
-    for batch, past_len, new_len in ((1, 40, 1), (2, 64, 1), (opts.max_batch, 256, 1), (3, 50, 6)):
-        tokens = torch.randint(0, cfg.number_mel_codes, (batch, new_len), generator=gen)
-        positions = torch.randint(0, cfg.mel_positions, (batch, new_len), generator=gen)
-        mask = torch.ones(batch, past_len + new_len, dtype=torch.bool)
-        if batch > 1:
-            mask[1, : past_len // 3] = False
-        past = [torch.randn(batch, cfg.heads, past_len, hd, generator=gen) * 0.5 for _ in past_names]
-        feeds = {"mel_tokens": tokens.numpy(), "mel_positions": positions.numpy(),
-                 "attention_mask": mask.to(torch.int64).numpy(),
-                 **{n: p.numpy().astype(kv_dtype) for n, p in zip(past_names, past)}}
-        logits, hidden, *presents = sess.run(None, feeds)
-        # The reference sees the same (possibly fp16-rounded) past the graph saw.
-        pairs = [(torch.from_numpy(feeds[past_names[2 * i]].astype(np.float32)),
-                  torch.from_numpy(feeds[past_names[2 * i + 1]].astype(np.float32))) for i in range(cfg.layers)]
-        ref_h, ref_kv = uv.decode(uv.mel_embeds(tokens, positions), mask, pairs)
-        logits_m.add(logits, uv.mel_logits(ref_h[:, -1]).numpy())
-        hidden_m.add(hidden, uv.latents(ref_h).numpy())
-        for ours, ref in zip(presents, [t for kv in ref_kv for t in kv]):
-            kv_m.add(ours, ref.numpy())
-        cases.append(f"batch={batch} past={past_len} new={new_len}")
-    return Parity(logits_m.max_abs, logits_m.max_rel, tolerance, tuple(cases),
+    cases = decode_cases(model.gpt.cfg, opts, kv_dtype)
+    for case in cases:
+        logits, hidden, *presents = sess.run(None, case.feeds)
+        ref_logits, ref_hidden, ref_presents = decode_reference(model.gpt, case)
+        logits_m.add(logits, ref_logits)
+        hidden_m.add(hidden, ref_hidden)
+        for ours, ref in zip(presents, ref_presents):
+            kv_m.add(ours, ref)
+    return Parity(logits_m.max_abs, logits_m.max_rel, tolerance, tuple(c.label for c in cases),
                   extra={"hidden_max_rel": hidden_m.max_rel, "present_max_rel": kv_m.max_rel})
 
 

@@ -234,19 +234,20 @@ def ensure_model(cfg: BenchConfig) -> Path:
 
 
 def ensure_export(model_dir: Path, cfg: BenchConfig, notes: list[str]):
-    """The gpt (fp32 + int8/int4) and vocoder graphs: reused when the export dir has them, else exported there."""
+    """The gpt (fp32 + int8/int4) and vocoder graphs: reused when the export dir has them from the current export
+    code (an older version's graphs would time what we no longer ship), else exported there."""
     from export.common import ExportOptions
-    from export.manifest import read_manifest
+    from export.manifest import EXPORT_CODE_VERSION, read_manifest
     from export.pipeline import ExportRequest, run_export
 
     export_dir = cfg.resolved_export_dir()
     need = ["gpt_prefill", "gpt_decode", *(f"gpt_decode@{v}" for v in VARIANTS)]
     try:
         manifest = read_manifest(export_dir)
-        if all(k in manifest.components for k in need):
-            notes.append(f"graphs reused from {export_dir}")
+        if manifest.export_code_version == EXPORT_CODE_VERSION and all(k in manifest.components for k in need):
+            notes.append(f"graphs reused from {export_dir} (export code version {EXPORT_CODE_VERSION})")
             return export_dir, manifest
-    except Exception:  # absent or stale: export below
+    except Exception:  # absent or unreadable: export below
         pass
     components = ("gpt", "vocoder")
     try:

@@ -273,6 +273,28 @@ def test_bench_smoke_on_tiny(tiny_model_dir, export_dir, tmp_path, capsys):
     assert "| target | measured (median) | met |" in text and "--preset tiny" in text
 
 
+def test_bench_does_not_time_graphs_of_older_export_code(tiny_model_dir, export_dir, monkeypatch):
+    """Graphs from an older EXPORT_CODE_VERSION are re-exported, never timed (a stale vocoder once skewed a report)."""
+    import export.manifest
+    import export.pipeline
+
+    calls = []
+
+    def no_export(req):
+        calls.append(req)
+        raise RuntimeError("re-export requested")
+
+    monkeypatch.setattr(export.pipeline, "run_export", no_export)
+    cfg = bench.BenchConfig(preset="tiny", model_dir=tiny_model_dir, export_dir=export_dir)
+    notes: list[str] = []
+    assert bench.ensure_export(tiny_model_dir, cfg, notes)[0] == export_dir
+    assert not calls and "graphs reused from" in notes[0]
+    monkeypatch.setattr(export.manifest, "EXPORT_CODE_VERSION", export.manifest.EXPORT_CODE_VERSION + 1)
+    with pytest.raises(RuntimeError, match="re-export requested"):
+        bench.ensure_export(tiny_model_dir, cfg, notes)
+    assert len(calls) == 1 and calls[0].out_dir == export_dir
+
+
 def test_bench_rejects_bad_arguments(capsys):
     with pytest.raises(SystemExit):
         bench.parse_args(["--batches", "1,x"])
