@@ -10,7 +10,9 @@ processes spreads over all of them instead of biasing whichever ran during a bus
 of `--reps` rounds after `--warmup` rounds. It writes perf/results/export-bench-<date>-<host>.md (+ .json) and
 prints the markdown. Graphs come from `--export-dir` when it already holds them, else they are exported there
 (unverified: parity is the export's job; the table carries each graph's logits error against eager on the very
-inputs it was timed on, and the quantized graphs' teacher-forced token agreement).
+inputs it was timed on, and the quantized graphs' teacher-forced token agreement). It also drives free-running
+greedy decoding through the ORT fp32 graphs and engine_ref on `--greedy-prompts` random prompts and counts the
+prompts whose codes are identical (the export issue's check at real size).
 """
 
 from __future__ import annotations
@@ -153,6 +155,8 @@ class BenchConfig:
     vocoder_seconds: float = 2.0
     agreement_prompts: int = 10
     agreement_steps: int = 50
+    greedy_prompts: int = 10
+    greedy_tokens: int = 60
     bandwidth_mib: int = 512
     gap_s: float = 0.05  # idle time between timed calls (see round_robin)
     seed: int = 0
@@ -172,6 +176,7 @@ class Results:
     vocoder: dict[str, float] = field(default_factory=dict)
     floor: dict[str, float] = field(default_factory=dict)
     agreement: dict[str, dict] = field(default_factory=dict)
+    greedy: dict = field(default_factory=dict)  # export/gpt.py greedy_parity: prompts, exact, token_agreement
     notes: list[str] = field(default_factory=list)
 
 
@@ -187,7 +192,7 @@ def expected_rows(cfg: BenchConfig) -> list[str]:
     """The row labels every report carries (the smoke test checks them)."""
     rows = [f"| decode {decode_key(b, p)} |" for p in cfg.pasts for b in cfg.batches]
     rows += [f"| prefill {prefill_key(b, cfg)} |" for b in cfg.prefill_batches]
-    rows += ["| vocoder |", "| floor |", "| agreement int8 |", "| agreement int4 |"]
+    rows += ["| vocoder |", "| floor |", "| agreement int8 |", "| agreement int4 |", "| greedy fp32 |"]
     return rows
 
 
@@ -384,11 +389,13 @@ def run(cfg: BenchConfig, argv: Sequence[str] = ()) -> tuple[Results, Path]:
     import torch
 
     from engine_ref.loader import load_model
+    from export.gpt import greedy_parity
     from export.precision import AgreementConfig, token_agreement
     from export.runtime import OrtDecoder
 
-    if cfg.reps < 1 or cfg.warmup < 0 or cfg.threads < 1:
-        raise InputError("--reps must be >= 1, --warmup >= 0 and --threads >= 1", "fix the command line")
+    if cfg.reps < 1 or cfg.warmup < 0 or cfg.threads < 1 or cfg.greedy_prompts < 1 or cfg.greedy_tokens < 1:
+        raise InputError("--reps, --threads, --greedy-prompts and --greedy-tokens must be >= 1, --warmup >= 0",
+                         "fix the command line")
     command = "PYTHONPATH=. python -m perf.export_bench " + " ".join(shlex.quote(a) for a in argv)
     res = Results(machine=machine_info(cfg.threads, command.strip()))
     torch.set_num_threads(cfg.threads)
@@ -418,6 +425,10 @@ def run(cfg: BenchConfig, argv: Sequence[str] = ()) -> tuple[Results, Path]:
     for v in VARIANTS:
         res.agreement[v] = token_agreement(decoders["ort_fp32"], decoders[f"ort_{v}"], model, acfg,
                                            seed=cfg.seed).as_dict()
+    t0 = time.perf_counter()
+    res.greedy = greedy_parity(model, export_dir, prompts=cfg.greedy_prompts, max_mel_tokens=cfg.greedy_tokens,
+                               seed=cfg.seed)
+    res.greedy["seconds"] = time.perf_counter() - t0
     res.machine["load_avg_at_end"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
     return res, write_report(res, cfg)
 
@@ -452,6 +463,9 @@ def targets(res: Results, cfg: BenchConfig, best: bool = False) -> list[tuple[st
         a = res.agreement[v]["token_agreement"]
         out.append((f"{v} token agreement vs fp32 >= 99% ({cfg.agreement_prompts}x{cfg.agreement_steps} "
                     f"teacher-forced)", f"{100 * a:.1f}%", a >= 0.99))
+    g = res.greedy
+    out.append((f"greedy codes through ORT fp32 == engine_ref ({g['prompts']} prompts x <= {cfg.greedy_tokens} "
+                "tokens)", f"{g['exact']}/{g['prompts']} identical", g["exact"] == g["prompts"]))
     if "ort_fp32_s_per_audio_s" in res.vocoder:
         r = ratio(res.vocoder.get("ort_fp32_s_per_audio_s" + sfx, nan),
                   res.vocoder.get("eager_s_per_audio_s" + sfx, nan))
@@ -542,6 +556,11 @@ def render(res: Results, cfg: BenchConfig) -> str:
         a = res.agreement[name]
         lines.append(f"| agreement {name} | {100 * a['token_agreement']:.1f}% | {a['mismatches']}/{a['compared']} | "
                      f"{a['max_fp32_margin_at_mismatch']:.3f} |")
+    g = res.greedy
+    lines += ["", f"## Greedy codes, free-running: ORT fp32 graphs vs engine_ref ({g['prompts']} random prompts, "
+                  f"up to {cfg.greedy_tokens} tokens each)", "",
+              "| case | prompts with identical codes (and stop) | token agreement |", "|---|---|---|",
+              f"| greedy fp32 | {g['exact']}/{g['prompts']} | {100 * g['token_agreement']:.1f}% |"]
     lines += ["", "## Targets", "",
               f"Judged on medians; the best-of-{cfg.reps} columns use each engine's fastest round, which is what a "
               "quiet machine gives when other processes compete for the cores (see the load average above).", "",
@@ -590,6 +609,8 @@ def parse_args(argv: Sequence[str] | None = None) -> BenchConfig:
     p.add_argument("--vocoder-seconds", type=float, default=2.0)
     p.add_argument("--agreement-prompts", type=int, default=10)
     p.add_argument("--agreement-steps", type=int, default=50)
+    p.add_argument("--greedy-prompts", type=int, default=10, help="free-running greedy ORT vs eager prompts")
+    p.add_argument("--greedy-tokens", type=int, default=60, help="max mel tokens per greedy prompt")
     p.add_argument("--bandwidth-mib", type=int, default=512)
     p.add_argument("--gap-ms", type=float, default=50.0, help="idle time between timed calls")
     a = p.parse_args(argv)
@@ -598,7 +619,8 @@ def parse_args(argv: Sequence[str] | None = None) -> BenchConfig:
         export_dir=Path(a.export_dir) if a.export_dir else None, threads=a.threads, reps=a.reps, warmup=a.warmup,
         batches=a.batches, pasts=a.pasts, prefill_batches=a.prefill_batches, prefill_text=a.prefill_text,
         vocoder_seconds=a.vocoder_seconds, agreement_prompts=a.agreement_prompts,
-        agreement_steps=a.agreement_steps, bandwidth_mib=a.bandwidth_mib, gap_s=a.gap_ms / 1e3,
+        agreement_steps=a.agreement_steps, greedy_prompts=a.greedy_prompts, greedy_tokens=a.greedy_tokens,
+        bandwidth_mib=a.bandwidth_mib, gap_s=a.gap_ms / 1e3,
     )
 
 

@@ -238,6 +238,7 @@ def _synthetic_results(cfg: bench.BenchConfig) -> bench.Results:
                               "max_fp32_margin_at_mismatch": 0.01},
                      "int4": {"token_agreement": 0.9, "compared": 500, "mismatches": 50,
                               "max_fp32_margin_at_mismatch": 0.2}}
+    res.greedy = {"prompts": 10, "exact": 9, "token_agreement": 0.98}
     return res
 
 
@@ -251,6 +252,8 @@ def test_bench_targets_on_synthetic_numbers():
     assert verdict["int8 token agreement vs fp32 >= 99% (10x50 teacher-forced)"] == ("99.5%", True)
     assert verdict["int4 token agreement vs fp32 >= 99% (10x50 teacher-forced)"] == ("90.0%", False)
     assert verdict["BigVGAN through ORT no slower than eager"] == ("ORT/eager 0.80", True)
+    assert verdict["greedy codes through ORT fp32 == engine_ref (10 prompts x <= 60 tokens)"] == (
+        "9/10 identical", False)
     text = bench.render(_synthetic_results(cfg), cfg)
     assert all(row in text for row in bench.expected_rows(cfg))
     assert "| decode b1 p64 | 140.0 | 68.0 | 30.0 | 20.0 | 2.06 | 0.44 | 0.29 | 1.13 |" in text
@@ -260,7 +263,7 @@ def test_bench_smoke_on_tiny(tiny_model_dir, export_dir, tmp_path, capsys):
     argv = ["--preset", "tiny", "--model-dir", str(tiny_model_dir), "--export-dir", str(export_dir),
             "--out", str(tmp_path), "--reps", "1", "--warmup", "0", "--agreement-prompts", "2",
             "--agreement-steps", "3", "--bandwidth-mib", "8", "--vocoder-seconds", "0.05", "--prefill-text", "12",
-            "--gap-ms", "0"]
+            "--gap-ms", "0", "--greedy-prompts", "3", "--greedy-tokens", "8"]
     assert bench.main(argv) == 0
     printed = capsys.readouterr().out
     reports = list(tmp_path.glob("export-bench-*.md"))
@@ -271,6 +274,7 @@ def test_bench_smoke_on_tiny(tiny_model_dir, export_dir, tmp_path, capsys):
         assert row in text and row in printed, row
     assert "graphs reused from" in text and "eager only" in text  # this export has no vocoder graph
     assert "| target | measured (median) | met |" in text and "--preset tiny" in text
+    assert "| greedy fp32 | 3/3 | 100.0% |" in text  # tiny: ORT fp32 reproduces engine_ref's greedy codes
 
 
 def test_bench_does_not_time_graphs_of_older_export_code(tiny_model_dir, export_dir, monkeypatch):
