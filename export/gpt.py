@@ -221,6 +221,18 @@ def decode_reference(uv: UnifiedVoice, case: DecodeCase) -> tuple[np.ndarray, np
             [t.numpy() for kv in ref_kv for t in kv])
 
 
+def measure_decode(sess, uv: UnifiedVoice, cases: list[DecodeCase], logits: ErrorMeter, hidden: ErrorMeter,
+                   present: ErrorMeter) -> None:
+    """Runs every case through the graph (an ORT session) and engine_ref; each output's error goes to its meter."""
+    for case in cases:
+        ours_logits, ours_hidden, *ours_presents = sess.run(None, case.feeds)
+        ref_logits, ref_hidden, ref_presents = decode_reference(uv, case)
+        logits.add(ours_logits, ref_logits)
+        hidden.add(ours_hidden, ref_hidden)
+        for ours, ref in zip(ours_presents, ref_presents):
+            present.add(ours, ref)
+
+
 @torch.inference_mode()
 def verify_prefill(model: LoadedModel, out_dir: Path, comp: Component, opts: ExportOptions) -> Parity:
     from export.runtime import OrtDecoder
@@ -257,16 +269,9 @@ def verify_decode(model: LoadedModel, out_dir: Path, comp: Component, opts: Expo
     """Decode graph vs engine_ref on random past KV (with padding holes) for T = 1 and T > 1."""
     from export.common import session
 
-    sess = session(out_dir / comp.file)
     meter = ErrorMeter()
     cases = decode_cases(model.gpt.cfg, opts)
-    for case in cases:
-        logits, hidden, *presents = sess.run(None, case.feeds)
-        ref_logits, ref_hidden, ref_presents = decode_reference(model.gpt, case)
-        meter.add(logits, ref_logits)
-        meter.add(hidden, ref_hidden)
-        for ours, ref in zip(presents, ref_presents):
-            meter.add(ours, ref)
+    measure_decode(session(out_dir / comp.file), model.gpt, cases, meter, meter, meter)
     check_tolerance(DECODE, meter, FP32_TOLERANCE)
     return Parity(meter.max_abs, meter.max_rel, FP32_TOLERANCE, tuple(c.label for c in cases))
 

@@ -59,7 +59,7 @@ from export.common import (
     graph_io,
     session,
 )
-from export.gpt import DECODE, PREFILL, decode_cases, decode_reference, kv_names
+from export.gpt import DECODE, PREFILL, decode_cases, kv_names, measure_decode
 from export.manifest import Component, Parity, component_digest
 
 log = logging.getLogger("export.precision")
@@ -240,17 +240,10 @@ def decode_parity(model: LoadedModel, export_dir: Path, comp: Component, opts: E
 
     Parity.max_abs / max_rel are the logits' (what sampling sees); hidden and present errors go to extra.
     """
-    sess = session(export_dir / comp.file)
     kv_dtype = _np_dtype(comp, kv_names(model.gpt.cfg.layers, "past_key_values")[0])
     logits_m, hidden_m, kv_m = ErrorMeter(), ErrorMeter(), ErrorMeter()
     cases = decode_cases(model.gpt.cfg, opts, kv_dtype)
-    for case in cases:
-        logits, hidden, *presents = sess.run(None, case.feeds)
-        ref_logits, ref_hidden, ref_presents = decode_reference(model.gpt, case)
-        logits_m.add(logits, ref_logits)
-        hidden_m.add(hidden, ref_hidden)
-        for ours, ref in zip(presents, ref_presents):
-            kv_m.add(ours, ref)
+    measure_decode(session(export_dir / comp.file), model.gpt, cases, logits_m, hidden_m, kv_m)
     return Parity(logits_m.max_abs, logits_m.max_rel, tolerance, tuple(c.label for c in cases),
                   extra={"hidden_max_rel": hidden_m.max_rel, "present_max_rel": kv_m.max_rel})
 
