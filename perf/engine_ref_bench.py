@@ -10,32 +10,15 @@ with greedy decoding (deterministic; the same work every run), median of `--runs
 from __future__ import annotations
 
 import argparse
-import platform
+import os
 import statistics
-import subprocess
 import time
 from pathlib import Path
 
+from perf.machine import cpu_name, git_commit
+
 TEXT = ("The quick brown fox jumps over the lazy dog. Then it rests in the shade, "
         "and the afternoon goes by slowly.")
-
-
-def _cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
-def _commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              timeout=5).stdout.strip() or "?"
-    except OSError:
-        return "?"
 
 
 def bench(preset: str, models: Path, runs: int) -> dict:
@@ -80,8 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--models", default="build/models")
     args = ap.parse_args(argv)
     presets = args.preset or ["tiny", "v1.5"]
-    print(f"machine: {_cpu()}, {__import__('os').cpu_count()} cores; commit {_commit()}")
-    print(f"command: python -m perf.engine_ref_bench " + " ".join(f"--preset {p}" for p in presets)
+    print(f"machine: {cpu_name()}, {os.cpu_count()} cores; commit {git_commit()}")
+    print("command: python -m perf.engine_ref_bench " + " ".join(f"--preset {p}" for p in presets)
           + f" --runs {args.runs}")
     print("| preset | files (MB) | load (s) | audio (s) | synth median (s) | RTF median | runs |")
     print("|---|---|---|---|---|---|---|")

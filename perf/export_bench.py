@@ -20,12 +20,8 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import os
-import platform
 import shlex
-import socket
 import statistics
-import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -35,6 +31,7 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 
 from engine_ref.errors import InputError
+from perf.machine import load_average, machine_info
 
 DECODE_ENGINES = ("eager", "ort_fp32", "ort_int8", "ort_int4")
 VARIANTS = ("int8", "int4")
@@ -197,35 +194,6 @@ def expected_rows(cfg: BenchConfig) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------------------- measuring
-
-
-def machine_info(threads: int, command: str) -> dict:
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                               text=True).stdout.strip()
-        commit += " (+ uncommitted changes)" if dirty else ""
-    except (OSError, subprocess.CalledProcessError):
-        commit = "unknown"
-    import onnxruntime
-    import torch
-
-    return {
-        "cpu": cpu, "cores": os.cpu_count(), "threads": threads, "host": socket.gethostname(),
-        "date": dt.datetime.now().strftime("%Y-%m-%d %H:%M"), "commit": commit,
-        "python": platform.python_version(), "torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
-        "load_avg_at_start": " ".join(f"{x:.2f}" for x in os.getloadavg()),
-        "command": command,
-    }
 
 
 def ensure_model(cfg: BenchConfig) -> Path:
@@ -429,7 +397,7 @@ def run(cfg: BenchConfig, argv: Sequence[str] = ()) -> tuple[Results, Path]:
     res.greedy = greedy_parity(model, export_dir, prompts=cfg.greedy_prompts, max_mel_tokens=cfg.greedy_tokens,
                                seed=cfg.seed)
     res.greedy["seconds"] = time.perf_counter() - t0
-    res.machine["load_avg_at_end"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    res.machine["load_avg_at_end"] = load_average()
     return res, write_report(res, cfg)
 
 

@@ -24,7 +24,6 @@ import sys
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Sequence
 
 from engine_ref.errors import InputError
 
@@ -583,7 +582,7 @@ def _variant(cfg: SuiteConfig, export_dir: Path, precision: str, items: dict, re
 def run_suite(cfg: SuiteConfig, stem: str | None = None) -> tuple[SuiteResult, Path]:
     """Everything, then the report; returns the result and the report's path."""
     from perf import report
-    from perf.export_bench import machine_info
+    from perf.machine import load_average, machine_info
 
     started = time.perf_counter()
     report.check_plotting()  # fail before an hour of measuring, not after
@@ -635,9 +634,8 @@ def run_suite(cfg: SuiteConfig, stem: str | None = None) -> tuple[SuiteResult, P
     phase["floors_s"] = time.perf_counter() - t
     phase["total_s"] = time.perf_counter() - started
     result.timings = phase
-    import os
 
     # Above the core count means something else competed for the CPU during the run: the figures are suspect.
-    result.machine["load_avg_at_end"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    result.machine["load_avg_at_end"] = load_average()
     path = report.write_report(result, stem)
     return result, path

@@ -340,3 +340,27 @@ def test_suite_smoke_on_a_tiny_server(tiny_model_dir, tiny_export_dir, tmp_path)
     assert result.ref and all(r.audio_s > 0 for r in result.ref)
     assert result.floors["decode"]["fp32"]["floor_ms"] > 0 and result.floors["vocoder_gflop_per_audio_s"] > 0
     assert any(mt.model == "vocoder" and mt.compute_ms > 0 for mt in result.model_times["short@1"])
+
+
+def test_commit_label_ignores_the_reports_own_edits(tmp_path, monkeypatch):
+    """A report rewrites perf/results/README.md; that must not label the measured code as modified."""
+    import subprocess
+
+    from perf.machine import git_commit
+
+    def git(*args):
+        subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True)
+
+    (tmp_path / "perf" / "results").mkdir(parents=True)
+    (tmp_path / "perf" / "results" / "README.md").write_text("old\n")
+    (tmp_path / "code.py").write_text("x = 1\n")
+    git("init", "-q")
+    git("add", ".")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "c")
+    monkeypatch.chdir(tmp_path)
+    clean = git_commit()
+    assert clean and "uncommitted" not in clean and clean != "unknown"
+    (tmp_path / "perf" / "results" / "README.md").write_text("new\n")
+    assert git_commit() == clean
+    (tmp_path / "code.py").write_text("x = 2\n")
+    assert git_commit() == clean + " (+ uncommitted changes)"
