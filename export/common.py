@@ -106,7 +106,9 @@ def graph_io(path: Path) -> tuple[tuple[TensorInfo, ...], tuple[TensorInfo, ...]
 
 
 def session(path: Path, threads: int | None = None, providers: Sequence[str] = ("CPUExecutionProvider",),
-            optimization: str = "all"):
+            optimization: str = "all", spinning: bool = True):
+    """An ORT session. spinning=False stops idle worker threads from busy-waiting between ops: a little slower
+    alone, much faster when several sessions in several processes share the cores (the serving case on CPUs)."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
@@ -117,6 +119,9 @@ def session(path: Path, threads: int | None = None, providers: Sequence[str] = (
     }[optimization]
     if threads:
         opts.intra_op_num_threads = threads
+    if not spinning:
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
     opts.log_severity_level = 3
     return ort.InferenceSession(str(path), sess_options=opts, providers=list(providers))
 

@@ -75,7 +75,8 @@ class OrtDecoder:
     """Prefill / decode / latent pass through ONNX Runtime sessions of the exported decoder graphs."""
 
     def __init__(self, export_dir: str | Path, prefill: Component, decode: Component | None,
-                 threads: int | None = None, providers: Sequence[str] = ("CPUExecutionProvider",)):
+                 threads: int | None = None, providers: Sequence[str] = ("CPUExecutionProvider",),
+                 spinning: bool = True):
         export_dir = Path(export_dir)
         self.prefill_comp, self.decode_comp = prefill, decode
         extra = prefill.extra
@@ -87,8 +88,8 @@ class OrtDecoder:
         self.start_mel, self.stop_mel = extra["start_mel_token"], extra["stop_mel_token"]
         self.vocab: int = extra["vocab"]
         self.first_position: int = extra["first_generated_position"]
-        self._prefill = session(export_dir / prefill.file, threads, providers)
-        self._decode = session(export_dir / decode.file, threads, providers) if decode else None
+        self._prefill = session(export_dir / prefill.file, threads, providers, spinning=spinning)
+        self._decode = session(export_dir / decode.file, threads, providers, spinning=spinning) if decode else None
         self.past_names = [f"past_key_values.{i}.{k}" for i in range(self.layers) for k in ("key", "value")]
         self.dtype = np.float16 if prefill.input("conds").dtype == "float16" else np.float32
 

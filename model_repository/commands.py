@@ -20,6 +20,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--instances", type=int, default=1, help="instances of the BLS and preprocessing models")
     p.add_argument("--leaf-instances", type=int, default=1, help="instances of cond_encoder and vocoder")
     p.add_argument("--threads", type=int, default=0, help="ONNX Runtime threads per session (0: default)")
+    p.add_argument("--spin-threads", action="store_true",
+                   help="let ONNX Runtime threads busy-wait between ops (only when each model has its own cores)")
     p.add_argument("--max-text-chars", type=int, default=20000)
     p.add_argument("--speaker-cache-size", type=int, default=64)
     p.add_argument("--segments-in-flight", type=int, default=4)
@@ -42,7 +44,7 @@ def cmd_build_repo(args: argparse.Namespace) -> int:
     opts = RepoOptions(
         flavor=args.flavor, max_sequences=args.max_sequences, max_queue=args.max_queue,
         decoder_precision=args.decoder_precision, bls_instances=args.instances, leaf_instances=args.leaf_instances,
-        threads=args.threads, max_text_chars=args.max_text_chars, speaker_cache_size=args.speaker_cache_size,
+        threads=args.threads, spin_threads=args.spin_threads, max_text_chars=args.max_text_chars, speaker_cache_size=args.speaker_cache_size,
         segments_in_flight=args.segments_in_flight, plans_index=Path(args.plans) if args.plans else None,
     )
     repo = build_repository(args.export, args.out, opts)

@@ -43,13 +43,12 @@ def find_tritonserver() -> TritonInstall:
         if (base / "bin" / "tritonserver").is_file():
             return TritonInstall(base / "bin" / "tritonserver", base / "backends")
     try:
-        import pytriton  # noqa: F401  (the nvidia-pytriton wheel bundles a CPU tritonserver)
+        import pytriton  # the nvidia-pytriton wheel bundles a CPU tritonserver
     except ImportError:
         raise ServerError(
             "tritonserver was not found (no TRITONSERVER_HOME, no /opt/tritonserver, no nvidia-pytriton wheel)",
             "install the serve extra (`pip install 'triton-tts[serve]'`) or run inside the NGC tritonserver image",
         ) from None
-    import pytriton
 
     base = Path(pytriton.__file__).parent / "tritonserver"
     libs = Path(pytriton.__file__).parent.parent / "nvidia_pytriton.libs"

@@ -41,6 +41,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--variants", help="weight-only decoder variants to serve single-stream (default int4; "
                                       "'none' to skip)")
     p.add_argument("--threads", type=int, default=0, help="ONNX Runtime / torch threads (0: their defaults)")
+    p.add_argument("--spin-threads", action="store_true",
+                   help="serve with busy-waiting ONNX Runtime threads (build-repo --spin-threads), to compare")
     p.add_argument("--no-perf-analyzer", action="store_true", help="skip the perf_analyzer levels")
     p.add_argument("--tools-cache", default="build/tools", help="where the pinned perf_analyzer is unpacked")
     p.set_defaults(func=cmd_bench)
@@ -59,7 +61,8 @@ def _command_line() -> str:
 def config_from_args(args: argparse.Namespace):
     from perf.suite import suite_config
 
-    overrides: dict = {"out_dir": Path(args.out), "threads": args.threads, "perf_analyzer": not args.no_perf_analyzer,
+    overrides: dict = {"out_dir": Path(args.out), "threads": args.threads,
+                       "spin_threads": args.spin_threads, "perf_analyzer": not args.no_perf_analyzer,
                        "pa_cache": Path(args.tools_cache), "command": _command_line()}
     for key, value in (("work_dir", args.workdir), ("model_dir", args.model), ("export_dir", args.export)):
         if value:

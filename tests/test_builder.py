@@ -24,6 +24,10 @@ def test_cpu_repository_has_every_model_with_manifest_names(tiny_export_dir, tmp
     dec = (repo / c.DECODER / "config.pbtxt").read_text()
     assert "decoupled: true" in dec and '"max_sequences" value: { string_value: "5" }' in dec
     assert "count: 1" in dec  # the decoder owns the KV cache: exactly one instance
+    # ORT threads do not busy-wait by default: the decoder and the leaves share the cores from separate processes
+    assert '"spin_threads" value: { string_value: "0" }' in dec and '"spin_threads" value: { string_value: "0" }' in voc
+    spun = build_repository(tiny_export_dir, tmp_path / "spun", RepoOptions(spin_threads=True))
+    assert '"spin_threads" value: { string_value: "1" }' in (spun / c.DECODER / "config.pbtxt").read_text()
     ens = (repo / c.ENSEMBLE_STREAM / "config.pbtxt").read_text()
     assert f'model_name: "{c.BLS_STREAM}"' in ens and (repo / c.ENSEMBLE_STREAM / "1").is_dir()
     for f in c.REQUEST_INPUTS:

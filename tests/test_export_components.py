@@ -151,6 +151,19 @@ def test_vocoder_output_length_and_range(exported):
     assert np.all(np.abs(wav) < 1.0) and float(np.abs(wav).max()) > 1e-4
 
 
+def test_session_without_spinning_sets_the_option_and_computes_the_same(exported):
+    """Serving turns ORT's busy-waiting off (processes share the cores); the numbers must not change."""
+    rng = np.random.default_rng(6)
+    feeds = {"latents": rng.standard_normal((1, 5, 64)).astype(np.float32),
+             "speaker_embedding": rng.standard_normal((1, 64, 1)).astype(np.float32)}
+    spin = session(exported.out_dir / exported.voc.file, threads=2)
+    calm = session(exported.out_dir / exported.voc.file, threads=2, spinning=False)
+    assert calm.get_session_options().get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    with pytest.raises(RuntimeError, match="allow_spinning"):  # not set: ORT's default, which spins
+        spin.get_session_options().get_session_config_entry("session.intra_op.allow_spinning")
+    np.testing.assert_allclose(calm.run(None, feeds)[0], spin.run(None, feeds)[0], rtol=0, atol=1e-6)
+
+
 # ---- failures are clear ----
 
 @pytest.mark.parametrize("which", ["cond", "voc"])

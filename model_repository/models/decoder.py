@@ -25,7 +25,7 @@ class DecoderModel(PythonModel):
         providers = [p for p in self.param("providers", "CPUExecutionProvider").split(",") if p]
         self.decoder = OrtDecoder.from_manifest(
             self.export_dir, precision=self.param("precision", None), threads=self.param("threads", None, int),
-            providers=providers,
+            providers=providers, spinning=self.param("spin_threads", True, bool),
         )
         self.max_mel_tokens = int(self.decoder.prefill_comp.extra["max_mel_tokens"])
         # One lock for every message to the server (responses from the scheduler thread, control replies from

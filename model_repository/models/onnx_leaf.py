@@ -16,7 +16,8 @@ class OnnxLeafModel(PythonModel):
         manifest = read_manifest(self.export_dir)
         self.component = manifest.component(self.param("component"))
         threads = self.param("threads", None, int)
-        self.session = session(self.export_dir / self.component.file, threads=threads)
+        self.session = session(self.export_dir / self.component.file, threads=threads,
+                               spinning=self.param("spin_threads", True, bool))
         self.input_names = [t.name for t in self.component.inputs]
         self.output_names = [t.name for t in self.component.outputs]
         self.dtypes = {t.name: np.dtype(t.dtype) for t in self.component.inputs}
