@@ -30,6 +30,9 @@ _NP_TO_TRITON = {"float32": "FP32", "float16": "FP16", "int64": "INT64", "int32"
                  "bfloat16": "BF16", "int16": "INT16"}
 
 
+SPIN_CHOICES = ("all", "decoder", "none")
+
+
 @dataclass(frozen=True)
 class RepoOptions:
     flavor: str = "cpu"
@@ -39,10 +42,10 @@ class RepoOptions:
     bls_instances: int = 1
     leaf_instances: int = 1
     threads: int = 0  # ONNX Runtime intra-op threads per session (0: its default)
-    #: ORT worker threads busy-wait between ops. The decoder and the leaves run in separate processes on the same
-    #: cores, so spinning threads steal each other's time: on 2 cores a decode-step loop and a vocoder loop side by
-    #: side did 1.02x the work of one alone without spinning, 0.73x with it (each alone ~2% faster spinning).
-    spin_threads: bool = False
+    #: Which models' ORT worker threads busy-wait between ops: "all", "decoder" or "none". Spinning keeps the
+    #: decoder's many short ops fast (served v1.5 fp32 without it: ~1.3x slower per request on 2 cores), while the
+    #: vocoder's long convolutions lose little without it and stop stealing the decoder's cores while it waits.
+    spin_threads: str = "decoder"
     speaker_cache_size: int = 64
     max_text_chars: int = c.DEFAULT_MAX_TEXT_CHARS
     max_text_tokens_per_segment: int = c.DEFAULT_MAX_TEXT_TOKENS_PER_SEGMENT
@@ -58,6 +61,8 @@ class RepoOptions:
                      "max_text_chars", "max_text_tokens_per_segment", "segments_in_flight"):
             if getattr(self, name) < 1:
                 raise InputError(f"{name}={getattr(self, name)} must be >= 1", f"pass a positive {name}")
+        if self.spin_threads not in SPIN_CHOICES:
+            raise InputError(f"unknown spin_threads '{self.spin_threads}'", f"choose one of: {', '.join(SPIN_CHOICES)}")
 
 
 def _template(name: str) -> Template:
@@ -161,7 +166,8 @@ def build_repository(export_dir: str | os.PathLike, out_dir: str | os.PathLike, 
     gpu = opts.flavor == "gpu"
     kind = "KIND_CPU"
     threads = {"threads": opts.threads} if opts.threads else {}
-    threads["spin_threads"] = "1" if opts.spin_threads else "0"
+    spin_decoder = {**threads, "spin_threads": "1" if opts.spin_threads in ("all", "decoder") else "0"}
+    spin_leaves = {**threads, "spin_threads": "1" if opts.spin_threads == "all" else "0"}
     common = {"export_dir": export_dir}
 
     _python_model(tmp, c.PREPROCESS, "model_repository.models.preprocess", "PreprocessModel",
@@ -181,7 +187,7 @@ def build_repository(export_dir: str | os.PathLike, out_dir: str | os.PathLike, 
                       instances=opts.bls_instances, kind=kind)
     _python_model(tmp, c.DECODER, "model_repository.models.decoder", "DecoderModel",
                   [_field(f) for f in c.DECODER_INPUTS], [_field(f) for f in c.DECODER_OUTPUTS],
-                  {**common, **threads, "max_sequences": opts.max_sequences, "max_queue": opts.max_queue,
+                  {**common, **spin_decoder, "max_sequences": opts.max_sequences, "max_queue": opts.max_queue,
                    "precision": "" if opts.decoder_precision == "fp32" else opts.decoder_precision,
                    "providers": "CUDAExecutionProvider,CPUExecutionProvider" if gpu else "CPUExecutionProvider"},
                   decoupled=True, instances=1, kind=kind)  # one instance: it owns every sequence's KV cache
@@ -193,7 +199,7 @@ def build_repository(export_dir: str | os.PathLike, out_dir: str | os.PathLike, 
         else:
             _python_model(tmp, leaf, "model_repository.models.onnx_leaf", "OnnxLeafModel",
                           [_tensor(t) for t in comp.inputs], [_tensor(t) for t in comp.outputs],
-                          {**common, **threads, "component": leaf}, decoupled=False,
+                          {**common, **spin_leaves, "component": leaf}, decoupled=False,
                           instances=opts.leaf_instances, kind=kind)
     _ensemble(tmp, c.ENSEMBLE_STREAM, c.BLS_STREAM, "streaming entry point: preprocess -> tts_bls (decoupled)")
     _ensemble(tmp, c.ENSEMBLE_OFFLINE, c.BLS_OFFLINE, "one-response entry point (HTTP): preprocess -> tts_bls_offline")

@@ -182,7 +182,7 @@ def _machine_lines(result) -> list[str]:
         f"- command: `{m.get('command')}`",
         f"- preset: **{cfg.preset}**; greedy decoding (do_sample=false, num_beams=1, seed 0); decoder max_sequences "
         f"{cfg.max_sequences}; threads {cfg.threads or 'default'}"
-        f"{' (spinning)' if cfg.spin_threads else ' (no spinning)'}; voices {', '.join(f'{v:g} s' for v in cfg.voices)}",
+        f" (spinning: {cfg.spin_threads}); voices {', '.join(f'{v:g} s' for v in cfg.voices)}",
         "- scenarios: " + "; ".join(
             f"{sc.name} ({len(sc.texts)} text(s), {min(len(t) for t in sc.texts)}-{max(len(t) for t in sc.texts)} "
             f"chars) at concurrency {', '.join(map(str, sc.concurrency))}, max({sc.min_requests}, "

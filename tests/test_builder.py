@@ -24,10 +24,12 @@ def test_cpu_repository_has_every_model_with_manifest_names(tiny_export_dir, tmp
     dec = (repo / c.DECODER / "config.pbtxt").read_text()
     assert "decoupled: true" in dec and '"max_sequences" value: { string_value: "5" }' in dec
     assert "count: 1" in dec  # the decoder owns the KV cache: exactly one instance
-    # ORT threads do not busy-wait by default: the decoder and the leaves share the cores from separate processes
-    assert '"spin_threads" value: { string_value: "0" }' in dec and '"spin_threads" value: { string_value: "0" }' in voc
-    spun = build_repository(tiny_export_dir, tmp_path / "spun", RepoOptions(spin_threads=True))
-    assert '"spin_threads" value: { string_value: "1" }' in (spun / c.DECODER / "config.pbtxt").read_text()
+    # by default only the decoder's ORT threads busy-wait: the leaves share its cores from other processes
+    assert '"spin_threads" value: { string_value: "1" }' in dec and '"spin_threads" value: { string_value: "0" }' in voc
+    for choice, want_dec, want_voc in (("all", "1", "1"), ("none", "0", "0")):
+        spun = build_repository(tiny_export_dir, tmp_path / choice, RepoOptions(spin_threads=choice))
+        assert f'"spin_threads" value: {{ string_value: "{want_dec}" }}' in (spun / c.DECODER / "config.pbtxt").read_text()
+        assert f'"spin_threads" value: {{ string_value: "{want_voc}" }}' in (spun / c.VOCODER / "config.pbtxt").read_text()
     ens = (repo / c.ENSEMBLE_STREAM / "config.pbtxt").read_text()
     assert f'model_name: "{c.BLS_STREAM}"' in ens and (repo / c.ENSEMBLE_STREAM / "1").is_dir()
     for f in c.REQUEST_INPUTS:
@@ -57,5 +59,7 @@ def test_bad_options_and_missing_variants_are_named(tiny_export_dir, tmp_path):
         build_repository(tiny_export_dir, tmp_path / "r", RepoOptions(max_sequences=0))
     with pytest.raises(ModelFilesError, match="gpt_decode@int3"):
         build_repository(tiny_export_dir, tmp_path / "r", RepoOptions(decoder_precision="int3"))
+    with pytest.raises(InputError, match="spin_threads"):
+        build_repository(tiny_export_dir, tmp_path / "r", RepoOptions(spin_threads="yes"))
     with pytest.raises(ModelFilesError, match="manifest.json"):
         build_repository(tmp_path / "nothing", tmp_path / "r")
