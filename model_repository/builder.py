@@ -42,10 +42,11 @@ class RepoOptions:
     bls_instances: int = 1
     leaf_instances: int = 1
     threads: int = 0  # ONNX Runtime intra-op threads per session (0: its default)
-    #: Which models' ORT worker threads busy-wait between ops: "all", "decoder" or "none". Spinning keeps the
-    #: decoder's many short ops fast (served v1.5 fp32 without it: ~1.3x slower per request on 2 cores), while the
-    #: vocoder's long convolutions lose little without it and stop stealing the decoder's cores while it waits.
-    spin_threads: str = "decoder"
+    #: Which models' ORT worker threads busy-wait between ops: "all" (ORT's default), "decoder" or "none". Served
+    #: v1.5 on 2 cores (perf/results, 2026-12-01), audio s per wall s at 1 / 8 concurrent requests: all 0.62-0.67 /
+    #: 0.61-0.63, decoder 0.51 / 0.56, none 0.48 / 0.48, although a bare decode loop beside a vocoder loop did more
+    #: work without spinning. "none" is for nodes where other workloads need the cores.
+    spin_threads: str = "all"
     speaker_cache_size: int = 64
     max_text_chars: int = c.DEFAULT_MAX_TEXT_CHARS
     max_text_tokens_per_segment: int = c.DEFAULT_MAX_TEXT_TOKENS_PER_SEGMENT

@@ -99,7 +99,7 @@ class SuiteConfig:
     verify_export: bool = True
     max_sequences: int = 8
     threads: int = 0  #: ORT intra-op threads per session in the server (0: its default) and torch threads
-    spin_threads: str = "decoder"  #: whose ORT threads busy-wait in the server (RepoOptions.spin_threads)
+    spin_threads: str = "all"  #: whose ORT threads busy-wait in the server (RepoOptions.spin_threads)
     timeout_s: float = 900.0
     #: tritonserver arguments. The Python backend's shared-memory pool starts at 1 MiB by default; under 8
     #: concurrent tts_bls requests tritonserver 2.51 died with SIGSEGV in libtriton_python.so in our runs, which a
