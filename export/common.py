@@ -107,8 +107,8 @@ def graph_io(path: Path) -> tuple[tuple[TensorInfo, ...], tuple[TensorInfo, ...]
 
 def session(path: Path, threads: int | None = None, providers: Sequence[str] = ("CPUExecutionProvider",),
             optimization: str = "all", spinning: bool = True):
-    """An ORT session. spinning=False stops idle worker threads from busy-waiting between ops: a little slower
-    alone, much faster when several sessions in several processes share the cores (the serving case on CPUs)."""
+    """An ORT session. spinning=False stops idle worker threads from busy-waiting between ops, which leaves the
+    cores to other processes; serving keeps ORT's spinning by default (see RepoOptions.spin_threads for why)."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()

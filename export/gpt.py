@@ -278,13 +278,15 @@ def verify_decode(model: LoadedModel, out_dir: Path, comp: Component, opts: Expo
 
 @torch.inference_mode()
 def greedy_parity(model: LoadedModel, export_dir: Path, prompts: int = 10, max_mel_tokens: int = 60,
-                  seed: int = 0, precision: str | None = None) -> dict:
-    """Greedy codes through ONNX Runtime vs engine_ref on random prompts: counts exact matches and token agreement."""
+                  seed: int = 0, precision: str | None = None, decoder=None) -> dict:
+    """Greedy codes through ONNX Runtime vs engine_ref on random prompts: counts exact matches and token agreement.
+
+    decoder: an OrtDecoder already open on export_dir (saves loading the graphs again); else one is opened."""
     from export.runtime import OrtDecoder
 
     uv = model.gpt
     cfg = uv.cfg
-    dec = OrtDecoder.from_manifest(export_dir, precision=precision)
+    dec = decoder or OrtDecoder.from_manifest(export_dir, precision=precision)
     gen = torch.Generator().manual_seed(seed)
     params = GenerationParams.greedy(max_mel_tokens=max_mel_tokens)
     exact = agree = total = 0

@@ -23,14 +23,12 @@ from typing import Iterable
 
 from engine_ref.errors import InputError
 from export.manifest import Component, TensorInfo, read_manifest
+from model_repository import SPIN_CHOICES
 from model_repository import contract as c
 
 FLAVORS = ("cpu", "gpu")
 _NP_TO_TRITON = {"float32": "FP32", "float16": "FP16", "int64": "INT64", "int32": "INT32", "bool": "BOOL",
                  "bfloat16": "BF16", "int16": "INT16"}
-
-
-SPIN_CHOICES = ("all", "decoder", "none")
 
 
 @dataclass(frozen=True)
@@ -64,6 +62,10 @@ class RepoOptions:
                 raise InputError(f"{name}={getattr(self, name)} must be >= 1", f"pass a positive {name}")
         if self.spin_threads not in SPIN_CHOICES:
             raise InputError(f"unknown spin_threads '{self.spin_threads}'", f"choose one of: {', '.join(SPIN_CHOICES)}")
+
+    def spins(self, decoder: bool) -> str:
+        """The spin_threads parameter ("1"/"0") of the decoder model or of a leaf model."""
+        return "1" if self.spin_threads == "all" or (decoder and self.spin_threads == "decoder") else "0"
 
 
 def _template(name: str) -> Template:
@@ -167,8 +169,6 @@ def build_repository(export_dir: str | os.PathLike, out_dir: str | os.PathLike, 
     gpu = opts.flavor == "gpu"
     kind = "KIND_CPU"
     threads = {"threads": opts.threads} if opts.threads else {}
-    spin_decoder = {**threads, "spin_threads": "1" if opts.spin_threads in ("all", "decoder") else "0"}
-    spin_leaves = {**threads, "spin_threads": "1" if opts.spin_threads == "all" else "0"}
     common = {"export_dir": export_dir}
 
     _python_model(tmp, c.PREPROCESS, "model_repository.models.preprocess", "PreprocessModel",
@@ -188,7 +188,8 @@ def build_repository(export_dir: str | os.PathLike, out_dir: str | os.PathLike, 
                       instances=opts.bls_instances, kind=kind)
     _python_model(tmp, c.DECODER, "model_repository.models.decoder", "DecoderModel",
                   [_field(f) for f in c.DECODER_INPUTS], [_field(f) for f in c.DECODER_OUTPUTS],
-                  {**common, **spin_decoder, "max_sequences": opts.max_sequences, "max_queue": opts.max_queue,
+                  {**common, **threads, "spin_threads": opts.spins(decoder=True),
+                   "max_sequences": opts.max_sequences, "max_queue": opts.max_queue,
                    "precision": "" if opts.decoder_precision == "fp32" else opts.decoder_precision,
                    "providers": "CUDAExecutionProvider,CPUExecutionProvider" if gpu else "CPUExecutionProvider"},
                   decoupled=True, instances=1, kind=kind)  # one instance: it owns every sequence's KV cache
@@ -200,7 +201,8 @@ def build_repository(export_dir: str | os.PathLike, out_dir: str | os.PathLike, 
         else:
             _python_model(tmp, leaf, "model_repository.models.onnx_leaf", "OnnxLeafModel",
                           [_tensor(t) for t in comp.inputs], [_tensor(t) for t in comp.outputs],
-                          {**common, **spin_leaves, "component": leaf}, decoupled=False,
+                          {**common, **threads, "spin_threads": opts.spins(decoder=False), "component": leaf},
+                          decoupled=False,
                           instances=opts.leaf_instances, kind=kind)
     _ensemble(tmp, c.ENSEMBLE_STREAM, c.BLS_STREAM, "streaming entry point: preprocess -> tts_bls (decoupled)")
     _ensemble(tmp, c.ENSEMBLE_OFFLINE, c.BLS_OFFLINE, "one-response entry point (HTTP): preprocess -> tts_bls_offline")

@@ -7,6 +7,8 @@ import os
 import time
 from pathlib import Path
 
+from model_repository import SPIN_CHOICES
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("build-repo", help="write a Triton model repository from an export manifest")
@@ -20,7 +22,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--instances", type=int, default=1, help="instances of the BLS and preprocessing models")
     p.add_argument("--leaf-instances", type=int, default=1, help="instances of cond_encoder and vocoder")
     p.add_argument("--threads", type=int, default=0, help="ONNX Runtime threads per session (0: default)")
-    p.add_argument("--spin-threads", choices=("all", "decoder", "none"), default="all",
+    p.add_argument("--spin-threads", choices=SPIN_CHOICES, default="all",
                    help="whose ONNX Runtime threads busy-wait between ops (default all: fastest when the node is ours)")
     p.add_argument("--max-text-chars", type=int, default=20000)
     p.add_argument("--speaker-cache-size", type=int, default=64)

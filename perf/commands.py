@@ -13,6 +13,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from engine_ref.errors import InputError
+from model_repository import SPIN_CHOICES
 
 __all__ = ["register", "cmd_bench", "config_from_args"]
 
@@ -41,7 +42,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--variants", help="weight-only decoder variants to serve single-stream (default int4; "
                                       "'none' to skip)")
     p.add_argument("--threads", type=int, default=0, help="ONNX Runtime / torch threads (0: their defaults)")
-    p.add_argument("--spin-threads", choices=("all", "decoder", "none"), default="all",
+    p.add_argument("--spin-threads", choices=SPIN_CHOICES, default="all",
                    help="whose ONNX Runtime threads busy-wait in the server (build-repo --spin-threads), to compare")
     p.add_argument("--no-perf-analyzer", action="store_true", help="skip the perf_analyzer levels")
     p.add_argument("--tools-cache", default="build/tools", help="where the pinned perf_analyzer is unpacked")

@@ -395,7 +395,7 @@ def run(cfg: BenchConfig, argv: Sequence[str] = ()) -> tuple[Results, Path]:
                                            seed=cfg.seed).as_dict()
     t0 = time.perf_counter()
     res.greedy = greedy_parity(model, export_dir, prompts=cfg.greedy_prompts, max_mel_tokens=cfg.greedy_tokens,
-                               seed=cfg.seed)
+                               seed=cfg.seed, decoder=decoders["ort_fp32"])
     res.greedy["seconds"] = time.perf_counter() - t0
     res.machine["load_avg_at_end"] = load_average()
     return res, write_report(res, cfg)
