@@ -14,12 +14,12 @@ from typing import Iterator
 
 from client.encode import AudioWriter, open_writer, output_format
 from client.errors import ProtocolError
-from client.request import GenerationOverrides
+from client.request import Controls, GenerationOverrides, read_voice
 from client.session import Chunk, ClientConfig, SynthesisStream, Timings, TTSClient
 from engine_ref.commands import add_generation_args, read_text_arg
 from model_repository import contract as c
 
-__all__ = ["register", "generation_overrides", "cmd_synth", "cmd_ready"]
+__all__ = ["register", "generation_overrides", "controls_from_args", "cmd_synth", "cmd_ready"]
 
 _DEFAULTS = ClientConfig()
 
@@ -40,21 +40,25 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--out", required=True, help="output file: .wav, .mp3, .opus, .ogg (Opus) or .flac")
     s.add_argument("--no-stream", action="store_true",
                    help="one HTTP request per text part (model tts_offline) instead of gRPC streaming")
-    s.add_argument("--model", help=f"model to call (default: {c.BLS_STREAM} streaming, {c.ENSEMBLE_OFFLINE} "
-                                   f"with --no-stream; {c.ENSEMBLE_STREAM} is the streaming ensemble, which "
-                                   f"cannot be cancelled)")
+    s.add_argument("--model", help=f"model to call (default: {c.STREAM_MODEL} streaming, {c.OFFLINE_MODEL} "
+                                   f"with --no-stream)")
     s.add_argument("--bitrate", help="MP3/Opus bitrate, e.g. 48k (default: 64k MP3, 32k Opus)")
     s.add_argument("--max-request-chars", type=int, default=_DEFAULTS.max_request_chars,
                    help="split longer texts into several requests (default: the server's max_text_chars)")
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_generation_args(s)
+    _add_control_args(s)
     # engine_ref's flag defaults to 120; here "not given" must stay None so the server's setting applies.
     s.set_defaults(max_text_tokens_per_segment=None, func=cmd_synth)
 
     r = client_sub.add_parser("ready", help="exit 0 when the server (and --model) is ready, 1 otherwise")
     _add_server_args(r)
-    r.add_argument("--model", default=c.BLS_STREAM, help=f"model to check (default {c.BLS_STREAM}; '' for none)")
+    r.add_argument("--model", default=c.STREAM_MODEL, help=f"model to check (default {c.STREAM_MODEL}; '' for none)")
     r.set_defaults(func=cmd_ready)
+
+    from client.jobs import register as register_jobs  # `client job ...`: long-form jobs on a gateway
+
+    register_jobs(client_sub)
 
 
 def _add_server_args(p: argparse.ArgumentParser) -> None:
@@ -62,6 +66,41 @@ def _add_server_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--http", default=_DEFAULTS.http_url, help="HTTP host:port (used with --no-stream)")
     p.add_argument("--timeout", type=float, default=_DEFAULTS.timeout_s,
                    help="seconds to wait for the next response (the whole response with --no-stream)")
+
+
+def _add_control_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("streaming chunks")
+    g.add_argument("--chunk-first-codes", type=int,
+                   help="codes in each segment's first streamed chunk (0: one chunk per segment; default: server's)")
+    g.add_argument("--chunk-max-codes", type=int, help="largest chunk in codes (default: the server's)")
+    e = p.add_argument_group("IndexTTS2 servers only (a 1.x server refuses these by name)")
+    e.add_argument("--emo-ref", help="emotion reference audio file (default: the speaker reference)")
+    e.add_argument("--emo-alpha", type=float, help="weight of the emotion reference in [0, 1]")
+    e.add_argument("--emo-vector", help="8 comma-separated weights: happy,angry,sad,afraid,disgusted,melancholic,"
+                                        "surprised,calm")
+    e.add_argument("--emo-text", help="describe the emotion in words (the server's text-emotion model)")
+    e.add_argument("--emo-random", action="store_true", default=None,
+                   help="emotion-bank rows at random (seeded) instead of by similarity")
+    e.add_argument("--interval-silence-ms", type=int, help="silence between segments (default: the server's)")
+    v = p.add_argument_group("IndexTTS-2.5 servers only (other families refuse these by name)")
+    v.add_argument("--language", help="the text's language: zh, en, ja, es, ar or zhen (required by IndexTTS-2.5)")
+    v.add_argument("--duration-factor", type=float, help="speech length factor in [0.5, 2.0] (default 1.0)")
+
+
+def controls_from_args(args: argparse.Namespace) -> Controls:
+    """The chunk and emotion flags the user gave (the rest stay the server's)."""
+    from engine_ref.indextts2.cli import parse_emotion_vector  # torch-free
+
+    vector = getattr(args, "emo_vector", None)
+    ref = getattr(args, "emo_ref", None)
+    return Controls(chunk_first_codes=getattr(args, "chunk_first_codes", None),
+                    chunk_max_codes=getattr(args, "chunk_max_codes", None),
+                    emotion_audio=None if ref is None else read_voice(ref),
+                    emo_alpha=getattr(args, "emo_alpha", None),
+                    emo_vector=None if vector is None else parse_emotion_vector(vector),
+                    emo_text=getattr(args, "emo_text", None), emo_random=getattr(args, "emo_random", None),
+                    interval_silence_ms=getattr(args, "interval_silence_ms", None),
+                    language=getattr(args, "language", None), duration_factor=getattr(args, "duration_factor", None))
 
 
 def generation_overrides(args: argparse.Namespace) -> GenerationOverrides:
@@ -161,11 +200,13 @@ def cmd_synth(args: argparse.Namespace) -> int:
     output_format(args.out)  # an unsupported extension fails before any network traffic
     text = read_text_arg(args)
     overrides = generation_overrides(args)
+    controls = controls_from_args(args)
     show_progress = not (args.no_progress or getattr(args, "quiet", False))
     with TTSClient(_config(args)) as client:
         call = client.synthesize_parts if args.no_stream else client.synthesize_stream
-        model = args.model or (c.ENSEMBLE_OFFLINE if args.no_stream else c.BLS_STREAM)
-        stream = call(text, args.ref, args.speaker_id, overrides, args.max_text_tokens_per_segment, model=model)
+        model = args.model or (c.OFFLINE_MODEL if args.no_stream else c.STREAM_MODEL)
+        stream = call(text, args.ref, args.speaker_id, overrides, args.max_text_tokens_per_segment, model=model,
+                      controls=controls)
         summary = write_stream(stream, args.out, args.bitrate, show_progress)
     for w in summary.warnings:
         print(f"warning: {w}", file=sys.stderr)

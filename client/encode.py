@@ -1,54 +1,46 @@
 """Writing synthesized 16-bit PCM as WAV, MP3, Opus or FLAC, whole or chunk by chunk as it arrives.
 
-The format follows the output path's extension. Compressed formats pipe raw PCM into the ffmpeg binary that
-the `imageio-ffmpeg` wheel ships (no system ffmpeg needed); ffmpeg's stderr goes to a temporary file rather
-than a pipe so a chatty encoder can never block us. Every writer fills a hidden temporary file next to the
-target and renames it into place only on success: readers never see half a file, and an interrupted job
-leaves nothing behind.
+The format follows the output path's extension. Compressed formats are encoded in process by PyAV (FFmpeg's
+libraries in the `av` wheel; no ffmpeg binary, no subprocess) through the gateway's `StreamEncoder`, writing
+into a seekable file so each muxer finalizes its headers (FLAC's sample count, MP3's LAME tag). Every writer
+fills a hidden temporary file next to the target and renames it into place only on success: readers never see
+half a file, and an interrupted job leaves nothing behind.
 
-One-shot WAV output is `engine_ref.audio.write_wav`. The streaming WAV writer uses the same stdlib `wave`
-module with the same 16-bit mono layout (tests check that both produce identical bytes); it exists because
-`write_wav` needs the whole utterance in memory and a long text should not.
+One-shot WAV output is `engine_ref.pcm.write_wav`. The streaming WAV writer uses the same stdlib `wave` module
+with the same 16-bit mono layout (tests check that both produce identical bytes); it exists because `write_wav`
+needs the whole utterance in memory and a long text should not. Nothing here imports torch.
 """
 
 from __future__ import annotations
 
 import os
 import secrets
-import subprocess
-import tempfile
 import wave
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
 
 import numpy as np
 
 from client.errors import EncodeError
-from engine_ref.audio import to_pcm16, write_wav
 from engine_ref.errors import InputError
+from engine_ref.pcm import to_pcm16, write_wav
 
-__all__ = ["OutputFormat", "FORMATS", "output_format", "ffmpeg_exe", "AudioWriter", "open_writer", "write_audio"]
-
-#: How long `close()` waits for ffmpeg to flush and exit before giving up.
-FFMPEG_CLOSE_TIMEOUT_S = 120.0
-_STDERR_TAIL_CHARS = 600
+__all__ = ["OutputFormat", "FORMATS", "output_format", "AudioWriter", "open_writer", "write_audio"]
 
 
 @dataclass(frozen=True)
 class OutputFormat:
     name: str
-    muxer: str | None  #: ffmpeg muxer (-f); None: written by Python (WAV)
-    codec: tuple[str, ...] = ()  #: ffmpeg codec arguments
+    codec: str | None  #: gateway.audio.FORMATS key of the encoder (Ogg/Opus, MP3, FLAC); None: WAV via `wave`
     default_bitrate: str | None = None
 
 
 FORMATS: dict[str, OutputFormat] = {
     ".wav": OutputFormat("WAV", None),
-    ".mp3": OutputFormat("MP3", "mp3", ("-c:a", "libmp3lame"), "64k"),
-    ".opus": OutputFormat("Opus", "opus", ("-c:a", "libopus"), "32k"),
-    ".ogg": OutputFormat("Opus", "ogg", ("-c:a", "libopus"), "32k"),
-    ".flac": OutputFormat("FLAC", "flac", ("-c:a", "flac")),
+    ".mp3": OutputFormat("MP3", "mp3", "64k"),
+    ".opus": OutputFormat("Opus", "opus", "32k"),
+    ".ogg": OutputFormat("Opus", "opus", "32k"),
+    ".flac": OutputFormat("FLAC", "flac"),
 }
 
 
@@ -59,20 +51,6 @@ def output_format(path: str | os.PathLike) -> OutputFormat:
         raise InputError(f"cannot write {ext or 'files without an extension'} (output {str(path)!r})",
                          f"name the output with one of: {', '.join(FORMATS)}")
     return FORMATS[ext]
-
-
-def ffmpeg_exe() -> str:
-    """Path of the ffmpeg binary from the imageio-ffmpeg wheel (or IMAGEIO_FFMPEG_EXE when set)."""
-    try:
-        import imageio_ffmpeg
-    except ImportError:
-        raise EncodeError("writing MP3/Opus/FLAC needs ffmpeg from the imageio-ffmpeg package, which is not installed",
-                          "pip install 'imageio-ffmpeg>=0.5,<1', or write a .wav") from None
-    try:
-        return imageio_ffmpeg.get_ffmpeg_exe()
-    except RuntimeError as exc:
-        raise EncodeError(f"imageio-ffmpeg found no ffmpeg binary ({exc})",
-                          "reinstall imageio-ffmpeg for this platform, or set IMAGEIO_FFMPEG_EXE") from None
 
 
 def _mono_pcm16(pcm: np.ndarray) -> np.ndarray:
@@ -194,92 +172,73 @@ class _WavWriter(AudioWriter):
         super()._cleanup()
 
 
-class _FfmpegWriter(AudioWriter):
-    """Pipes raw PCM into ffmpeg's stdin; ffmpeg encodes into the temporary file."""
+class _LibavWriter(AudioWriter):
+    """Encodes in process with PyAV (FFmpeg's libraries) into the temporary file, packet by packet."""
 
     def __init__(self, path: str | os.PathLike, sample_rate: int, fmt: OutputFormat, bitrate: str | None):
-        exe = ffmpeg_exe()
+        from gateway.audio import StreamEncoder
+
         super().__init__(path, sample_rate)
         self.format = fmt
-        rate = bitrate or fmt.default_bitrate
-        self.command = [
-            exe, "-hide_banner", "-nostats", "-loglevel", "error",
-            # Raw input needs no probing: without these ffmpeg buffers seconds of audio before encoding anything.
-            "-probesize", "32", "-analyzeduration", "0",
-            "-f", "s16le", "-ar", str(self.sample_rate), "-ac", "1", "-i", "pipe:0",
-            *fmt.codec, *(("-b:a", rate) if rate else ()), "-flush_packets", "1",
-            "-f", str(fmt.muxer), "-y", str(self._tmp),
-        ]
-        self._stderr: IO[bytes] = tempfile.TemporaryFile()
+        bits = _bitrate(bitrate or fmt.default_bitrate, fmt, self.path)
         try:
-            self._proc = subprocess.Popen(self.command, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
-                                          stderr=self._stderr)
+            self._file = open(self._tmp, "xb")
         except OSError as exc:
-            self._stderr.close()
-            raise EncodeError(f"cannot start ffmpeg ({exc.strerror or exc})",
-                              "reinstall imageio-ffmpeg, or write a .wav") from None
-
-    def _stderr_tail(self) -> str:
-        self._stderr.seek(0)
-        text = self._stderr.read().decode("utf-8", errors="replace").strip()
-        tail = " | ".join(line.strip() for line in text.splitlines()[-4:] if line.strip())
-        return tail[-_STDERR_TAIL_CHARS:] or "no message"
-
-    def _failed(self, what: str) -> EncodeError:
-        return EncodeError(f"ffmpeg failed to encode {self.format.name} into {str(self.path)!r} ({what}): "
-                           f"{self._stderr_tail()}", "check the output folder and bitrate, or write a .wav")
+            raise self._io_error(exc) from None
+        try:
+            self._encoder = StreamEncoder(fmt.codec, self.sample_rate, bits, file=self._file)
+        except EncodeError as exc:
+            self._file.close()
+            self._tmp.unlink(missing_ok=True)
+            raise EncodeError(f"{exc.problem} (writing {fmt.name} into {str(self.path)!r})", exc.fix) from None
 
     def _write(self, data: bytes) -> None:
         try:
-            assert self._proc.stdin is not None
-            self._proc.stdin.write(data)
-        except (BrokenPipeError, ValueError):
-            self._proc.wait(timeout=FFMPEG_CLOSE_TIMEOUT_S)
-            raise self._failed(f"it exited with status {self._proc.returncode}") from None
+            self._encoder.encode(np.frombuffer(data, "<i2").astype(np.int16, copy=False))
+        except OSError as exc:
+            raise self._io_error(exc) from None
 
     def _finish(self) -> None:
         try:
-            assert self._proc.stdin is not None
-            try:
-                self._proc.stdin.close()
-            except BrokenPipeError:
-                pass
-            try:
-                rc = self._proc.wait(timeout=FFMPEG_CLOSE_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                self._proc.kill()
-                self._proc.wait()
-                raise self._failed(f"it did not finish within {FFMPEG_CLOSE_TIMEOUT_S:g} s") from None
-            if rc != 0:
-                raise self._failed(f"exit status {rc}")
-        finally:
-            self._stderr.close()
+            self._encoder.finish()
+            self._file.close()
+        except OSError as exc:
+            raise self._io_error(exc) from None
 
     def _cleanup(self) -> None:
-        if self._proc.poll() is None:
-            self._proc.kill()
-        self._proc.wait()
-        if self._proc.stdin is not None:
-            try:
-                self._proc.stdin.close()
-            except BrokenPipeError:
-                pass
-        self._stderr.close()
+        self._encoder.close()
+        self._file.close()
         super()._cleanup()
+
+
+def _bitrate(text: str | None, fmt: OutputFormat, path: Path) -> int | None:
+    """"48k" / "64000" -> bits per second; anything else is the encoder's error, said before it starts."""
+    if text is None:
+        return None
+    raw = str(text).strip().lower()
+    scale = 1000 if raw.endswith("k") else 1
+    try:
+        value = int(float(raw[:-1] if scale > 1 else raw) * scale)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise EncodeError(f"ffmpeg failed to encode {fmt.name} into {str(path)!r} (bitrate {text!r} is not a "
+                          "positive number of bits per second)", "pass a bitrate such as 48k, or write a .wav")
+    return value
 
 
 def open_writer(path: str | os.PathLike, sample_rate: int, bitrate: str | None = None) -> AudioWriter:
     """A streaming writer for `path`, its format chosen by the extension (`bitrate` e.g. "48k": MP3/Opus)."""
     fmt = output_format(path)
-    if fmt.muxer is None:
+    if fmt.codec is None:
         return _WavWriter(path, sample_rate)
-    return _FfmpegWriter(path, sample_rate, fmt, bitrate)
+    return _LibavWriter(path, sample_rate, fmt, bitrate)
 
 
 def write_audio(path: str | os.PathLike, pcm: np.ndarray, sample_rate: int, bitrate: str | None = None) -> Path:
-    """Write a whole utterance (WAV via engine_ref.audio.write_wav, the rest through ffmpeg)."""
+    """Write a whole utterance (WAV via engine_ref.pcm.write_wav, the rest through PyAV)."""
     fmt = output_format(path)
-    if fmt.muxer is None:
+    if fmt.codec is None:
         try:
             return write_wav(path, _mono_pcm16(pcm), sample_rate)
         except OSError as exc:

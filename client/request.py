@@ -17,10 +17,10 @@ import numpy as np
 from tritonclient.utils import triton_to_np_dtype
 
 from engine_ref.errors import InputError
-from engine_ref.sampling import GenerationParams
+from engine_ref.params import GenerationParams
 from model_repository import contract as c
 
-__all__ = ["GenerationOverrides", "ParamsLike", "VoiceSource", "TTSRequest", "read_voice"]
+__all__ = ["Controls", "GenerationOverrides", "ParamsLike", "VoiceSource", "TTSRequest", "read_voice"]
 
 VoiceSource = Union[bytes, bytearray, memoryview, str, os.PathLike]
 _INPUTS_BY_NAME = {f.name: f for f in c.REQUEST_INPUTS}
@@ -101,6 +101,63 @@ def _check_value(name: str, value: Any) -> None:
         raise InputError(f"{name}={value!r} must be a finite number", f"pass {name} as a number such as 0.8")
 
 
+@dataclass(frozen=True)
+class Controls:
+    """Request inputs beyond text, voice and generation: chunk sizes (every family), IndexTTS-2's emotion controls
+    and pause length (2.0 and 2.5), IndexTTS-2.5's language and duration factor. None means "the server's default"
+    (2.5 has none for the language: it refuses a request without one); a server of another family refuses each
+    family-only input by name, so nothing asked for is dropped silently. Ranges are the server's to check."""
+
+    chunk_first_codes: int | None = None  # codes in a segment's first streamed chunk; 0: one chunk per segment
+    chunk_max_codes: int | None = None
+    emotion_audio: bytes | None = None  # an emotion reference recording (IndexTTS-2)
+    emo_alpha: float | None = None  # its weight in [0, 1]
+    emo_vector: tuple[float, ...] | None = None  # 8 weights: happy, angry, sad, afraid, disgusted, melancholic,
+    #                                              surprised, calm
+    emo_text: str | None = None  # an emotion description for the text-emotion model
+    emo_random: bool | None = None
+    interval_silence_ms: int | None = None  # silence between segments
+    language: str | None = None  # IndexTTS-2.5: the text's language (zh, en, ja, es, ar, zhen)
+    duration_factor: float | None = None  # IndexTTS-2.5: s2mel length factor in [0.5, 2.0]
+
+    def __post_init__(self) -> None:
+        for name in ("chunk_first_codes", "chunk_max_codes", "interval_silence_ms"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, np.integer)) or not 0 <= v <= _INT32[1]):
+                raise InputError(f"{name}={v!r} must be a whole number >= 0", f"pass {name} as e.g. 16")
+        if self.emo_alpha is not None:
+            _check_value("temperature", self.emo_alpha)  # a finite number (the server checks [0, 1])
+        if self.emo_vector is not None:
+            vec = tuple(self.emo_vector)
+            if len(vec) != c.EMO_VECTOR.dims[0]:
+                raise InputError(f"emo_vector has {len(vec)} weights, not {c.EMO_VECTOR.dims[0]}",
+                                 "pass 8 weights: happy, angry, sad, afraid, disgusted, melancholic, surprised, calm")
+            for x in vec:
+                _check_value("temperature", x)
+        if self.emo_text is not None and (not isinstance(self.emo_text, str) or not self.emo_text.strip()):
+            raise InputError("emo_text must be a non-empty string", "describe the emotion, e.g. 'calm and warm'")
+        if self.emo_random is not None and not isinstance(self.emo_random, (bool, np.bool_)):
+            raise InputError(f"emo_random={self.emo_random!r} must be true or false", "pass emo_random as a bool")
+        if self.emotion_audio is not None and not self.emotion_audio:
+            raise InputError("the emotion reference audio is empty (0 bytes)", "pass a recording, or leave it out")
+        if self.language is not None and (not isinstance(self.language, str) or not self.language.strip()):
+            raise InputError(f"language={self.language!r} must be a language code",
+                             "pass one of zh, en, ja, es, ar, zhen (IndexTTS-2.5)")
+        if self.duration_factor is not None:
+            _check_value("temperature", self.duration_factor)  # a finite number (the server checks [0.5, 2.0])
+
+    def values(self) -> dict[str, Any]:
+        """Input name -> value for what is set."""
+        pairs = ((c.CHUNK_FIRST_CODES, self.chunk_first_codes), (c.CHUNK_MAX_CODES, self.chunk_max_codes),
+                 (c.EMOTION_AUDIO, self.emotion_audio), (c.EMO_ALPHA, self.emo_alpha),
+                 (c.EMO_VECTOR, None if self.emo_vector is None else tuple(float(x) for x in self.emo_vector)),
+                 (c.EMO_TEXT, None if self.emo_text is None else self.emo_text.encode("utf-8")),
+                 (c.EMO_RANDOM, self.emo_random), (c.INTERVAL_SILENCE_MS, self.interval_silence_ms),
+                 (c.LANGUAGE, None if self.language is None else self.language.strip().encode("utf-8")),
+                 (c.DURATION_FACTOR, self.duration_factor))
+        return {f.name: v for f, v in pairs if v is not None}
+
+
 def read_voice(source: VoiceSource) -> bytes:
     """The reference audio's raw bytes (a path is read here; the server decodes and validates the audio)."""
     if isinstance(source, (bytes, bytearray, memoryview)):
@@ -135,11 +192,12 @@ class TTSRequest:
     params: GenerationOverrides = GenerationOverrides()
     max_text_tokens_per_segment: int | None = None
     stream: bool | None = None
+    controls: Controls = Controls()
 
     @classmethod
     def build(cls, text: str, reference_audio: VoiceSource | None = None, speaker_id: str | None = None,
               params: ParamsLike = None, max_text_tokens_per_segment: int | None = None,
-              stream: bool | None = None) -> "TTSRequest":
+              stream: bool | None = None, controls: Controls | None = None) -> "TTSRequest":
         """Validate the caller's arguments (the checks the client can do without the model) and read the voice."""
         if not isinstance(text, str):
             raise InputError(f"text must be a string, got {type(text).__name__}", "pass the text as str")
@@ -158,7 +216,8 @@ class TTSRequest:
                              f"use a value such as {c.DEFAULT_MAX_TEXT_TOKENS_PER_SEGMENT} (the default)")
         voice = None if reference_audio is None else read_voice(reference_audio)
         return cls(text=text, reference_audio=voice, speaker_id=speaker_id, params=GenerationOverrides.of(params),
-                   max_text_tokens_per_segment=None if mtt is None else int(mtt), stream=stream)
+                   max_text_tokens_per_segment=None if mtt is None else int(mtt), stream=stream,
+                   controls=controls or Controls())
 
     def values(self) -> dict[str, Any]:
         """Input name -> Python value, for the inputs that are set."""
@@ -173,6 +232,7 @@ class TTSRequest:
             out[c.MAX_TEXT_TOKENS_PER_SEGMENT.name] = self.max_text_tokens_per_segment
         for attr, value in self.params.explicit().items():
             out[c.PARAMS[attr].name] = value
+        out.update(self.controls.values())
         return out
 
     def arrays(self) -> dict[str, np.ndarray]:
@@ -181,7 +241,8 @@ class TTSRequest:
         for name, value in self.values().items():
             field = _INPUTS_BY_NAME[name]
             dtype = triton_to_np_dtype(field.client_type)
-            arrays[name] = np.array([value], dtype=dtype).reshape(field.dims)
+            values = list(value) if isinstance(value, tuple) else [value]
+            arrays[name] = np.array(values, dtype=dtype).reshape(field.dims)
         return arrays
 
     def infer_inputs(self, infer_input_cls: type) -> list:

@@ -3,8 +3,7 @@
 Streaming uses one bidirectional gRPC stream per request with ``enable_empty_final_response``: the server sends
 one response per segment and then an empty response flagged ``triton_final_response``, which is how the client
 knows the request is over without guessing. Closing the iterator early (or Ctrl-C) cancels the request on the
-server (``stop_stream(cancel_requests=True)``); that only reaches the model through `tts_bls`, because Triton
-2.51 does not propagate cancellation through ensembles — hence the default model.
+server (``stop_stream(cancel_requests=True)``), which stops its sequences in the decoder within one step.
 
 Texts longer than one request allows (the server's max_text_chars, read once from the `preprocess` model's
 config, or `ClientConfig.max_request_chars`) are split at paragraph and sentence ends (client/longform.py) and
@@ -13,6 +12,7 @@ sent as consecutive requests; the chunks come back in text order either way.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import queue
 import threading
@@ -25,7 +25,7 @@ import numpy as np
 
 from client.errors import ProtocolError, ServerError, ServerTimeout, from_server_error
 from client.longform import split_text
-from client.request import ParamsLike, TTSRequest, VoiceSource
+from client.request import Controls, ParamsLike, TTSRequest, VoiceSource
 from engine_ref.errors import InputError
 from model_repository import contract as c
 
@@ -80,6 +80,9 @@ class Chunk:
     elapsed_s: float  #: since this request part was sent
     part_index: int = 0  #: which request of a text split by `ClientConfig.max_request_chars`
     part_count: int = 1
+    chunk_index: int = 0  #: chunked streaming: the chunk's number within its segment
+    segment_done: bool = True  #: the last chunk of its segment
+    sample_offset: int = 0  #: where pcm16 starts in this request part's audio
 
     @property
     def seconds(self) -> float:
@@ -223,11 +226,17 @@ def parse_chunk(as_numpy: Callable[[str], np.ndarray | None], arrived_at: float,
         raise ProtocolError(f"INFO is not JSON: {raw_info[:80]!r}", _VERSION_FIX) from None
     if not isinstance(info, dict):
         raise ProtocolError(f"INFO is JSON {type(info).__name__}, the contract says an object", _VERSION_FIX)
+    def optional(f: c.Field, default: Any) -> Any:  # outputs newer than some servers
+        arr = as_numpy(f.name)
+        return default if arr is None else _scalar(arr)
+
     return Chunk(
         pcm16=audio, sample_rate=int(_scalar(need(c.SAMPLE_RATE))),
         segment_index=int(_scalar(need(c.SEGMENT_INDEX))), segment_count=int(_scalar(need(c.SEGMENT_COUNT))),
         is_last=bool(_scalar(need(c.IS_LAST))), speaker_id=_text(_scalar(need(c.SPEAKER_ID_OUT))), info=info,
         arrived_at=arrived_at, elapsed_s=elapsed_s, part_index=part_index, part_count=part_count,
+        chunk_index=int(optional(c.CHUNK_INDEX, 0)), segment_done=bool(optional(c.SEGMENT_DONE, True)),
+        sample_offset=int(optional(c.SAMPLE_OFFSET, 0)),
     )
 
 
@@ -317,14 +326,16 @@ class TTSClient:
     # --- public API -----------------------------------------------------------------------------------------------
     def synthesize_stream(self, text: str, reference_audio: VoiceSource | None = None, speaker_id: str | None = None,
                           params: ParamsLike = None, max_text_tokens_per_segment: int | None = None,
-                          model: str = c.BLS_STREAM, request_id: str | None = None) -> SynthesisStream:
+                          model: str = c.STREAM_MODEL, request_id: str | None = None,
+                          controls: Controls | None = None) -> SynthesisStream:
         """Stream the speech of `text` over gRPC, one `Chunk` per segment, in text order.
 
         `params`: only the fields set are sent (`GenerationOverrides`, a dict, or a full `GenerationParams`).
-        `model`: `tts_bls` (cancellable) or the `tts` ensemble. Errors arrive as `TTSError` subclasses
-        (client/errors.py) carrying the server model's own one-line message.
+        `model`: the streaming entry model (`tts`). `controls`: chunk sizes and IndexTTS-2's emotion inputs.
+        Errors arrive as `TTSError` subclasses (client/errors.py) carrying the server model's own one-line message.
         """
-        requests = self._requests(text, reference_audio, speaker_id, params, max_text_tokens_per_segment)
+        requests = self._requests(text, reference_audio, speaker_id, params, max_text_tokens_per_segment,
+                                  controls=controls)
         rid = request_id or uuid.uuid4().hex
 
         def chunks(clock: _Clock) -> Iterator[Chunk]:
@@ -336,9 +347,11 @@ class TTSClient:
 
     def synthesize_parts(self, text: str, reference_audio: VoiceSource | None = None, speaker_id: str | None = None,
                          params: ParamsLike = None, max_text_tokens_per_segment: int | None = None,
-                         model: str = c.ENSEMBLE_OFFLINE, request_id: str | None = None) -> SynthesisStream:
+                         model: str = c.OFFLINE_MODEL, request_id: str | None = None,
+                         controls: Controls | None = None) -> SynthesisStream:
         """Over HTTP (non-streaming): one `Chunk` per request, so a long text is written part by part."""
-        requests = self._requests(text, reference_audio, speaker_id, params, max_text_tokens_per_segment, http=True)
+        requests = self._requests(text, reference_audio, speaker_id, params, max_text_tokens_per_segment, http=True,
+                                  controls=controls)
         rid = request_id or uuid.uuid4().hex
 
         def chunks(clock: _Clock) -> Iterator[Chunk]:
@@ -353,10 +366,11 @@ class TTSClient:
 
     def synthesize(self, text: str, reference_audio: VoiceSource | None = None, speaker_id: str | None = None,
                    params: ParamsLike = None, max_text_tokens_per_segment: int | None = None,
-                   model: str = c.ENSEMBLE_OFFLINE, request_id: str | None = None) -> SynthesisResult:
+                   model: str = c.OFFLINE_MODEL, request_id: str | None = None,
+                   controls: Controls | None = None) -> SynthesisResult:
         """The whole utterance over HTTP (model `tts_offline`), with timings."""
         return self.synthesize_parts(text, reference_audio, speaker_id, params, max_text_tokens_per_segment,
-                                     model, request_id).collect()
+                                     model, request_id, controls).collect()
 
     def server_ready(self, model: str | None = None) -> bool:
         """Whether the server (and `model`, when given) is ready; False when unreachable."""
@@ -374,17 +388,18 @@ class TTSClient:
 
     # --- internals ------------------------------------------------------------------------------------------------
     def _requests(self, text: str, reference_audio: VoiceSource | None, speaker_id: str | None, params: ParamsLike,
-                  max_text_tokens_per_segment: int | None, http: bool = False) -> list[TTSRequest]:
+                  max_text_tokens_per_segment: int | None, http: bool = False,
+                  controls: Controls | None = None) -> list[TTSRequest]:
         """Validate once, read the voice once, and split a long text into request-sized parts."""
-        first = TTSRequest.build(text, reference_audio, speaker_id, params, max_text_tokens_per_segment)
+        first = TTSRequest.build(text, reference_audio, speaker_id, params, max_text_tokens_per_segment,
+                                 controls=controls)
         limit = self._max_request_chars(http)
         if len(text) <= limit:
             return [first]
         parts = split_text(text, limit)
         if not parts:
             raise InputError("the text has nothing speakable (no letters or digits)", "pass words to speak")
-        return [TTSRequest(part, first.reference_audio, first.speaker_id, first.params,
-                           first.max_text_tokens_per_segment, first.stream) for part in parts]
+        return [dataclasses.replace(first, text=part) for part in parts]
 
     def _max_request_chars(self, http: bool) -> int:
         """The server's text limit per request: asked once and kept; the contract's default when unreadable."""

@@ -5,8 +5,7 @@ Input side (what IndexTTS 1.x does to a voice prompt): decode, average the chann
 clipping. Everything a user can get wrong (path, bytes, format, silence, length, NaNs) becomes a one-line
 `InputError` with a fix, never a decoder traceback.
 
-Output side: the original writes ``clamp(32767 * wav, -32767, 32767)`` cast to int16, which truncates toward
-zero; `to_pcm16` reproduces that exactly so our WAVs are bit-identical to upstream's for the same waveform.
+Output side (`to_pcm16`, `wav_bytes`, `write_wav`): re-exported from engine_ref/pcm.py, their torch-free home.
 """
 
 from __future__ import annotations
@@ -16,8 +15,6 @@ import io
 import logging
 import math
 import os
-import secrets
-import wave
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Union
@@ -27,6 +24,7 @@ import soundfile as sf
 import torch
 
 from engine_ref.errors import InputError
+from engine_ref.pcm import to_pcm16, wav_bytes, write_wav
 
 __all__ = ["AudioClip", "load_audio", "resample", "audio_fingerprint", "to_pcm16", "write_wav", "wav_bytes",
            "SUPPORTED_FORMATS", "SILENCE_PEAK"]
@@ -305,67 +303,5 @@ def audio_fingerprint(data: bytes | bytearray | memoryview) -> str:
 # ---------------------------------------------------------------------------------------------------- output
 
 
-def to_pcm16(wav: torch.Tensor | np.ndarray) -> np.ndarray:
-    """Float waveform in [-1, 1] -> int16, exactly as upstream: ``int16(clamp(32767 * wav, -32767, 32767))``.
-
-    The scaling runs in float32 (upstream's dtype) and the cast truncates toward zero (0.99999 -> 32766,
-    -1e-5 -> 0), so results match the original bit for bit. NaN becomes 0. int16 input is returned
-    unchanged (already PCM). Shape is preserved.
-    """
-    if isinstance(wav, torch.Tensor):
-        wav = wav.detach()
-        arr = (wav.float() if wav.is_floating_point() else wav).cpu().numpy()  # bf16/fp16 have no numpy twin
-    else:
-        arr = np.asarray(wav)
-    if arr.dtype == np.int16:
-        return arr.copy()
-    if not np.issubdtype(arr.dtype, np.floating):
-        raise TypeError(f"to_pcm16 expects a float waveform or int16 PCM, got {arr.dtype}")
-    scaled = np.float32(32767.0) * np.nan_to_num(arr.astype(np.float32, copy=False), nan=0.0)
-    return np.clip(scaled, -32767.0, 32767.0).astype(np.int16)
-
-
-def _as_frames(wav: torch.Tensor | np.ndarray) -> np.ndarray:
-    """int16 ``[frames, channels]`` from 1-D ``[T]`` or channels-first ``[C, T]`` audio (float or int16)."""
-    pcm = to_pcm16(wav)
-    if pcm.ndim == 1:
-        return pcm[:, None]
-    if pcm.ndim == 2 and pcm.shape[0] <= 16:
-        return np.ascontiguousarray(pcm.T)
-    raise ValueError(f"expected audio shaped [T] or channels-first [C, T] with C <= 16, got {pcm.shape}")
-
-
-def _write_pcm16(fh, frames: np.ndarray, sample_rate: int) -> None:
-    if int(sample_rate) != sample_rate or sample_rate <= 0:
-        raise ValueError(f"sample_rate must be a positive integer, got {sample_rate}")
-    with wave.open(fh, "wb") as w:
-        w.setnchannels(frames.shape[1])
-        w.setsampwidth(2)
-        w.setframerate(int(sample_rate))
-        w.writeframes(frames.astype("<i2", copy=False).tobytes())
-
-
-def wav_bytes(wav: torch.Tensor | np.ndarray, sample_rate: int = 24000) -> bytes:
-    """A complete 16-bit PCM WAV file in memory (float input goes through `to_pcm16`)."""
-    buf = io.BytesIO()
-    _write_pcm16(buf, _as_frames(wav), sample_rate)
-    return buf.getvalue()
-
-
-def write_wav(path: str | os.PathLike, wav: torch.Tensor | np.ndarray, sample_rate: int = 24000) -> Path:
-    """Write a 16-bit PCM WAV atomically (temp file + rename), creating parent folders; returns the path.
-
-    Readers never see a half-written file; the temp file is opened normally so the umask decides permissions.
-    """
-    path = Path(path)
-    frames = _as_frames(wav)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    try:
-        with open(tmp, "xb") as fh:
-            _write_pcm16(fh, frames, sample_rate)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
+# to_pcm16, wav_bytes and write_wav live in engine_ref/pcm.py (torch-free, shared with the client and the gateway);
+# they accept torch tensors as well as numpy arrays.

@@ -7,26 +7,37 @@ import logging
 from pathlib import Path
 
 from engine_ref.errors import InputError
+from engine_ref.indextts2 import cli as v2cli
 
 log = logging.getLogger("engine_ref.commands")
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("preset", help="write a model directory in the official format with deterministic random weights")
-    p.add_argument("name", help="tiny | v1.5 | v1.0")
+    p.add_argument("name", help="tiny | v1.5 | v1.0 | tiny-v2 | v2 | tiny-v2.5 | v2.5")
     p.add_argument("--out", required=True, help="directory to create")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--force", action="store_true", help="overwrite an existing directory")
+    v2cli.add_v2_preset_args(p)
     p.set_defaults(func=cmd_preset)
 
     for name in ("verify", "doctor"):
-        p = sub.add_parser(name, help="check a model directory or cached HF repo offline and print a table")
+        p = sub.add_parser(name, help="check a model directory or cached HF repo offline and print a table "
+                                      "(IndexTTS 1.x, or IndexTTS-2/2.5 with each hub dependency)")
         p.add_argument("model", help="model directory or Hugging Face repo id (local cache only)")
-        p.add_argument("--cache-dir", help="Hugging Face cache directory (default: HF_HUB_CACHE / HF_HOME)")
+        p.add_argument("--cache-dir", help="Hugging Face cache directory (default: HF_HUB_CACHE / HF_HOME); "
+                                           "IndexTTS2 dependencies are looked for there too")
+        p.add_argument("--deep", action="store_true", help="also read every byte (cache blob hashes, zip CRCs)")
         p.set_defaults(func=cmd_verify)
 
     p = sub.add_parser("download", help="explicitly download a model from the Hugging Face Hub (the only network use)")
-    p.add_argument("repo", help="e.g. IndexTeam/IndexTTS-1.5 (optionally @revision)")
+    p.add_argument("repo", help="e.g. IndexTeam/IndexTTS-1.5 or IndexTeam/IndexTTS-2 (optionally @revision)")
     p.add_argument("--cache-dir", help="Hugging Face cache directory (default: HF_HUB_CACHE / HF_HOME)")
+    p.add_argument("--layout", choices=("hub", "flat"), default="hub",
+                   help="IndexTTS2: hub = the Hugging Face cache; flat = --local-dir DIR with DIR/hf_cache/ "
+                        "holding the dependencies (upstream's current layout)")
+    p.add_argument("--local-dir", help="model directory to fill (with --layout flat)")
+    p.add_argument("--skip-text-emotion", action="store_true",
+                   help="IndexTTS2: leave out qwen0.6bemo4-merge/ (1.2 GB), needed only for emotion from text")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds per network request")
     p.set_defaults(func=cmd_download)
 
@@ -84,11 +95,14 @@ def _add_synth_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-reference-seconds", type=float, default=50.0)
     p.add_argument("--cache-dir", help="Hugging Face cache directory")
     add_generation_args(p)
+    v2cli.add_v2_synth_args(p)
 
 
 def cmd_preset(args: argparse.Namespace) -> int:
-    from engine_ref.presets import write_preset
+    from engine_ref.indextts.presets import write_preset
 
+    if v2cli.is_v2_preset(args.name):
+        return v2cli.cmd_preset_v2(args)
     out = write_preset(args.name, args.out, seed=args.seed, force=args.force)
     print(f"wrote {args.name} preset to {out}")
     return 0
@@ -97,11 +111,12 @@ def cmd_preset(args: argparse.Namespace) -> int:
 def cmd_verify(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from engine_ref.integrity import check_model_dir, render_report
-    from engine_ref.resolve import resolve_model
+    from engine_ref.families import check_install
+    from engine_ref.hub_cache import resolve_model
+    from engine_ref.integrity import render_report
 
     path = resolve_model(args.model, cache_dir=args.cache_dir)
-    report = check_model_dir(path)
+    report = check_install(path, cache_dir=args.cache_dir, deep=getattr(args, "deep", False))
     console = Console()
     console.print(render_report(report))
     if report.ok:
@@ -112,10 +127,15 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_download(args: argparse.Namespace) -> int:
-    from engine_ref.resolve import download_model
+    from engine_ref.download import download_release
 
-    path = download_model(args.repo, cache_dir=args.cache_dir, timeout_s=args.timeout)
-    print(f"downloaded and verified: {path}")
+    result = download_release(
+        args.repo, layout=args.layout, cache_dir=args.cache_dir, local_dir=args.local_dir, timeout_s=args.timeout,
+        text_emotion=not args.skip_text_emotion,
+    )
+    print(f"downloaded and verified: {result.model_dir}")
+    if result.fetched_dependencies:
+        print(f"dependencies fetched ({result.layout} layout): {', '.join(result.fetched_dependencies)}")
     return 0
 
 
@@ -132,8 +152,11 @@ def _print_timings(result, out: Path) -> None:
 
 def cmd_synth(args: argparse.Namespace) -> int:
     from engine_ref.audio import write_wav
-    from engine_ref.synthesizer import Synthesizer
+    from engine_ref.indextts.synthesizer import Synthesizer
 
+    handled = v2cli.synth_v2_if_needed(args)  # an IndexTTS2 model (or IndexTTS2 flags) is handled there
+    if handled is not None:
+        return handled
     text = read_text_arg(args)
     params = generation_params(args)
     synth = Synthesizer.from_pretrained(args.model, cache_dir=args.cache_dir,
@@ -149,7 +172,7 @@ def ensure_demo_assets(workdir: Path) -> tuple[Path, Path]:
     """The tiny model and the demo voice under workdir, built once (rebuilt if the model fails verification)."""
     from engine_ref.audio import write_wav
     from engine_ref.integrity import check_model_dir
-    from engine_ref.presets import demo_voice, write_preset
+    from engine_ref.indextts.presets import demo_voice, write_preset
 
     model_dir = workdir / "tiny-model"
     if not model_dir.exists() or not check_model_dir(model_dir).ok:

@@ -34,3 +34,7 @@ class CheckpointError(TTSError):
 
 class InputError(TTSError):
     """A request's text, audio or generation parameters are unusable."""
+
+
+class CapacityError(TTSError):
+    """The server is at a configured bound (queued sequences, requests); retrying later can succeed."""

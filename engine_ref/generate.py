@@ -149,6 +149,59 @@ def remove_long_silence(codes: list[int]) -> list[int]:
     return out
 
 
+class SilenceFilter:
+    """`remove_long_silence` applied online, for streaming: feed codes as they are generated and receive the
+    cleaned codes as soon as they are certain, so that the concatenation equals remove_long_silence(all codes).
+
+    The rule depends on the whole sequence (trimming starts only once more than SILENCE_TRIGGER silent codes
+    occur in total), but it can change nothing while every silent run is at most SILENCE_KEEP long: codes pass
+    straight through until a run first grows past that, are held from there until the total passes the trigger
+    (from then on trimming is certain and applied online) or the sequence ends (then nothing is trimmed).
+    """
+
+    def __init__(self) -> None:
+        self.total_silent = 0
+        self.run = 0  # consecutive silent codes so far (raw), as remove_long_silence counts them (capped)
+        self.triggered = False
+        self.pending: list[int] = []
+
+    def _trimmed(self, codes: list[int]) -> list[int]:
+        out = []
+        for c in codes:
+            if c != SILENT_TOKEN:
+                out.append(c)
+                self.run = 0
+            elif self.run < SILENCE_KEEP:
+                out.append(c)
+                self.run += 1
+        return out
+
+    def feed(self, code: int) -> list[int]:
+        """The codes that became certain with this one (possibly none)."""
+        if self.triggered:
+            return self._trimmed([code])
+        silent = code == SILENT_TOKEN
+        self.total_silent += silent
+        if self.pending or (silent and self.run >= SILENCE_KEEP):
+            self.pending.append(code)
+            if self.total_silent > SILENCE_TRIGGER:
+                self.triggered = True
+                held, self.pending = self.pending, []
+                self.run = SILENCE_KEEP  # the run that started holding had reached the cap
+                return self._trimmed(held)
+            return []
+        if self.total_silent > SILENCE_TRIGGER:  # trimming is now certain; nothing before needed it
+            self.triggered = True
+            return self._trimmed([code])
+        self.run = self.run + 1 if silent else 0
+        return [code]
+
+    def finish(self) -> list[int]:
+        """The rest, at the end of the sequence (held codes stay when the trigger was never reached)."""
+        held, self.pending = self.pending, []
+        return held
+
+
 @torch.inference_mode()
 def latent_pass(
     model: UnifiedVoice,
@@ -176,8 +229,3 @@ def latent_pass(
         n = len(c)
         out.append(lat[i, lat.shape[1] - (n + 2) : lat.shape[1] - 2])
     return out
-
-
-def segment_seed(seed: int, segment_index: int) -> int:
-    """Independent, reproducible stream per segment, whatever bucket the segment lands in."""
-    return (seed * 0x9E3779B97F4A7C15 + segment_index * 0xBF58476D1CE4E5B9) % (2**63 - 1)

@@ -10,7 +10,12 @@ CRCs) for use right after a download.
 
 Decision on the legacy (pre-zip, torch<1.6) torch.save format: reported as ``corrupt``. The official IndexTTS
 checkpoints are zip archives, and a legacy file cannot be memory-mapped, so accepting it would mean fully loading
-multi-GB files; the fix names the one-line re-save.
+multi-GB files; the fix names the one-line re-save. (`check_torch_file(..., allow_legacy=True)` accepts it for
+small third-party files whose format is not known.)
+
+The building blocks (`presence_row`, `check_torch_file`, `check_safetensors`, `check_json`,
+`check_sentencepiece`, `deep_row`) are shared with the IndexTTS2 check (`engine_ref.indextts2.integrity`), whose
+report covers the main directory and each hub dependency in one table (`FileCheck.section`).
 """
 
 from __future__ import annotations
@@ -20,30 +25,40 @@ import os
 import re
 import struct
 import zipfile
-from collections.abc import Mapping
+import json
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any, Literal
+from typing import IO, TYPE_CHECKING, Any, Literal, Protocol
 
 import yaml
 
-from engine_ref.config import ModelConfig, load_config
+from engine_ref.indextts.config import ModelConfig, load_config
 from engine_ref.errors import ConfigError, ModelFilesError
-from engine_ref.resolve import DEFAULT_REPO, OFFICIAL_REPOS, repo_of_cache_path
+from engine_ref.hub_cache import DEFAULT_REPO, OFFICIAL_REPOS, repo_of_cache_path
 
 if TYPE_CHECKING:
     from rich.table import Table
 
-Status = Literal["ok", "missing", "broken-link", "empty", "truncated", "corrupt", "incomplete-download", "unreadable"]
+Status = Literal[
+    "ok", "optional-absent", "missing", "missing-ref", "broken-link", "empty", "truncated", "corrupt",
+    "wrong-shape", "wrong-size", "incomplete-download", "unreadable",
+]
+# What a check found: (status, detail, fix or None for "fetch it again").
+Verdict = tuple[Status, str, str | None]
+OK_STATUSES = frozenset({"ok", "optional-absent"})
 
 _PHRASE: dict[str, str] = {
     "missing": "missing",
+    "missing-ref": "missing",
     "broken-link": "a broken link",
     "empty": "empty",
     "truncated": "truncated",
     "corrupt": "corrupt",
     "incomplete-download": "an interrupted download",
     "unreadable": "unreadable",
+    "wrong-shape": "of the wrong shape",
+    "wrong-size": "not the official file",
 }
 _DEFAULT_NAMES = {"gpt": "gpt.pth", "bigvgan": "bigvgan_generator.pth", "bpe": "bpe.model"}
 _ZIP_LOCAL = b"PK\x03\x04"
@@ -58,17 +73,19 @@ _CHUNK = 8 << 20
 class FileCheck:
     """One row of the report: a file inference needs and what was found."""
 
-    role: str  # config / gpt / bigvgan / bpe
+    role: str  # config / gpt / bigvgan / bpe (1.x); IndexTTS2 adds its own roles
     file: str  # name as config.yaml gives it
     path: str
     status: Status
     size: int | None = None
     detail: str = ""
     fix: str = ""
+    section: str = ""  # which part of an install the file belongs to (IndexTTS2: main dir or a hub dependency)
 
     @property
     def ok(self) -> bool:
-        return self.status == "ok"
+        """True for a usable file, and for an optional part that is absent (reported, not a problem)."""
+        return self.status in OK_STATUSES
 
 
 @dataclass(frozen=True)
@@ -78,6 +95,7 @@ class IntegrityReport:
     model_dir: str
     rows: tuple[FileCheck, ...]
     version: str | None = None  # config.yaml `version` when it parsed
+    family: str | None = None  # engine_ref.families name when known ("indextts", "indextts2", "indextts2.5")
 
     @property
     def ok(self) -> bool:
@@ -101,6 +119,12 @@ class IntegrityReport:
                 f"run `triton-tts verify {self.model_dir}` for the full table"
             )
         raise ModelFilesError(f"{first.path} is {_PHRASE[first.status]}: {first.detail}", fix)
+
+
+class RefetchHint(Protocol):
+    """Words the fix for a file that must be fetched again (depends on where the install came from)."""
+
+    def refetch(self, name: str) -> str: ...
 
 
 @dataclass(frozen=True)
@@ -147,21 +171,21 @@ def check_model_dir(path: str | os.PathLike, *, deep: bool = False) -> Integrity
             f"model directory {model_dir} {what}", "pass --model DIR pointing at the directory with config.yaml"
         )
     place = _Place(repo_of_cache_path(model_dir.absolute()), DEFAULT_REPO)
-    partials = _partial_downloads(model_dir)
+    partials = partial_downloads(model_dir)
 
     config_path = model_dir / "config.yaml"
     cfg: ModelConfig | None = None
-    row = _file_row("config", "config.yaml", config_path, place, partials)
+    row = presence_row("config", "config.yaml", config_path, place, partials)
     if row is None:
         try:
             cfg = load_config(config_path)
         except ConfigError as exc:
-            row = _row_for("config", "config.yaml", config_path, "corrupt", exc.problem, exc.fix or "")
+            row = row_for("config", "config.yaml", config_path, "corrupt", exc.problem, exc.fix or "")
         else:
             place = _Place(place.repo, OFFICIAL_REPOS.get(cfg.version, DEFAULT_REPO))
-            row = _row_for("config", "config.yaml", config_path, "ok", f"IndexTTS {cfg.version}", "")
+            row = row_for("config", "config.yaml", config_path, "ok", f"IndexTTS {cfg.version}", "")
             if deep:
-                row = _deep_row(row, config_path, place, zip_crc=False)
+                row = deep_row(row, config_path, place, zip_crc=False)
     rows = [row]
 
     names = cfg.required_files() if cfg else {"config": "config.yaml", **_names_from_raw_yaml(config_path)}
@@ -169,22 +193,23 @@ def check_model_dir(path: str | os.PathLike, *, deep: bool = False) -> Integrity
         if role == "config":
             continue
         file_path = model_dir / name
-        row = _file_row(role, name, file_path, place, partials)
+        row = presence_row(role, name, file_path, place, partials)
         if row is None:
             row = _content_row(role, name, file_path, cfg, place)
             if deep and row.ok:
-                row = _deep_row(row, file_path, place, zip_crc=name.endswith((".pth", ".pt")))
+                row = deep_row(row, file_path, place, zip_crc=name.endswith((".pth", ".pt")))
         rows.append(row)
     return IntegrityReport(str(model_dir), tuple(rows), cfg.version if cfg else None)
 
 
-def _row_for(role: str, name: str, path: Path, status: Status, detail: str, fix: str) -> FileCheck:
+def row_for(role: str, name: str, path: Path, status: Status, detail: str, fix: str, section: str = "") -> FileCheck:
+    """A row for an existing file (its size read now); the fix is dropped for rows that are fine."""
     size: int | None
     try:
         size = path.stat().st_size
     except OSError:
         size = None
-    return FileCheck(role, name, str(path), status, size, detail, fix if status != "ok" else "")
+    return FileCheck(role, name, str(path), status, size, detail, fix if status not in OK_STATUSES else "", section)
 
 
 def _names_from_raw_yaml(config_path: Path) -> dict[str, str]:
@@ -207,7 +232,7 @@ def _names_from_raw_yaml(config_path: Path) -> dict[str, str]:
     return names
 
 
-def _partial_downloads(model_dir: Path) -> list[Path]:
+def partial_downloads(model_dir: Path) -> list[Path]:
     """``*.incomplete`` files that huggingface_hub leaves when a download is interrupted.
 
     Cache snapshots (``models--x/snapshots/<commit>/``) keep them in ``models--x/blobs/``; ``--local-dir``
@@ -223,7 +248,7 @@ def _partial_downloads(model_dir: Path) -> list[Path]:
     return found
 
 
-def _file_row(role: str, name: str, path: Path, place: _Place, partials: list[Path]) -> FileCheck | None:
+def presence_row(role: str, name: str, path: Path, place: RefetchHint, partials: list[Path]) -> FileCheck | None:
     """Presence checks shared by every file; None when the file exists, is readable and non-empty."""
     fix = place.refetch(name)
     if path.is_symlink() and not path.exists():
@@ -267,31 +292,53 @@ def _file_row(role: str, name: str, path: Path, place: _Place, partials: list[Pa
 
 
 def _content_row(role: str, name: str, path: Path, cfg: ModelConfig | None, place: _Place) -> FileCheck:
-    try:
+    def check() -> Verdict:
         if role == "bpe":
-            status, detail, fix = _check_bpe(path, cfg)
-        else:
-            status, detail, fix = _check_checkpoint(role, path)
+            return check_sentencepiece(path, cfg.gpt.number_text_tokens if cfg else None)
+        return check_torch_file(path, lambda obj: _state_dict_problem(role, obj, _tensor_type()))
+
+    return content_row(role, name, path, check, place)
+
+
+def content_row(
+    role: str, name: str, path: Path, check: Callable[[], Verdict], place: RefetchHint, section: str = ""
+) -> FileCheck:
+    """Run one content check on an existing file; any exception becomes a row, never a traceback."""
+    try:
+        status, detail, fix = check()
     except OSError as exc:  # e.g. an I/O error on a flaky network volume halfway through
         status, detail, fix = "unreadable", f"read failed: {_one_line(exc)}", None
     except Exception as exc:  # any other parser failure still means the file is unusable: a row, not a traceback
         status, detail, fix = "corrupt", f"unreadable content ({type(exc).__name__}: {_one_line(exc)})", None
-    return _row_for(role, name, path, status, detail, fix or place.refetch(name))
+    return row_for(role, name, path, status, detail, fix or place.refetch(name), section)
+
+
+def _tensor_type() -> type:
+    import torch
+
+    return torch.Tensor
 
 
 # --- torch.save checkpoints -------------------------------------------------------------------------------------
 
 
-def _check_checkpoint(role: str, path: Path) -> tuple[Status, str, str | None]:
+def check_torch_file(path: Path, inspect: Callable[[Any], Verdict], *, allow_legacy: bool = False) -> Verdict:
+    """A torch.save file: zip layout from headers, then a weights-only, memory-mapped load passed to `inspect`.
+
+    `allow_legacy` accepts the pre-zip format (loaded fully, without mmap: only for small files).
+    """
     size = path.stat().st_size
     with path.open("rb") as f:
+        if allow_legacy and f.read(len(_LEGACY_TORCH)) == _LEGACY_TORCH:
+            return _check_pickle(path, inspect, mmap=False)
+        f.seek(0)
         problem = _zip_problem(f, size)
     if problem:
         return problem
-    return _check_pickle(role, path)
+    return _check_pickle(path, inspect)
 
 
-def _zip_problem(f: IO[bytes], size: int) -> tuple[Status, str, str | None] | None:
+def _zip_problem(f: IO[bytes], size: int) -> Verdict | None:
     """Validate the archive layout from headers only: end record, central directory, every member in range."""
     head = f.read(8)
     if not head.startswith(_ZIP_LOCAL):
@@ -352,12 +399,12 @@ def _tail_cut_off(f: IO[bytes], size: int) -> bool:
     return cd_offset != 0xFFFFFFFF and cd_offset + cd_size > size
 
 
-def _check_pickle(role: str, path: Path) -> tuple[Status, str, str | None]:
-    """Deserialize with tensors memory-mapped (no tensor data read) and check the expected nesting."""
+def _check_pickle(path: Path, inspect: Callable[[Any], Verdict], *, mmap: bool = True) -> Verdict:
+    """Deserialize with tensors memory-mapped (no tensor data read) and let `inspect` judge the object."""
     import torch
 
     try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+        obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as exc:  # any failure here means the file cannot be used; say why in one line
         text = str(exc)
         # The weights-only unpickler reports both foreign objects and damaged pickle bytes; only the first
@@ -373,12 +420,12 @@ def _check_pickle(role: str, path: Path) -> tuple[Status, str, str | None]:
             )
         return "corrupt", f"torch.load cannot read it: {_one_line(Exception(reason))}", None
     try:
-        return _state_dict_problem(role, obj, torch.Tensor)
+        return inspect(obj)
     finally:
         del obj
 
 
-def _state_dict_problem(role: str, obj: Any, tensor_type: type) -> tuple[Status, str, str | None]:
+def _state_dict_problem(role: str, obj: Any, tensor_type: type) -> Verdict:
     if role == "bigvgan":
         if not isinstance(obj, Mapping) or "generator" not in obj:
             keys = ", ".join(map(str, list(obj)[:5])) if isinstance(obj, Mapping) else type(obj).__name__
@@ -398,10 +445,89 @@ def _state_dict_problem(role: str, obj: Any, tensor_type: type) -> tuple[Status,
     return "ok", f"{tensors} tensors", None
 
 
+# --- safetensors and JSON (hub dependencies) ---------------------------------------------------------------------
+
+_SAFETENSORS_MAX_HEADER = 100 << 20  # the format's own limit on the JSON header
+_DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+                "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
+Shapes = Mapping[str, tuple[int, ...]]
+
+
+def check_safetensors(path: Path, inspect: Callable[[Shapes], Verdict] | None = None) -> Verdict:
+    """Header only: the length field against the file size first (a cut-off download is named as truncated
+    without reading tensor data), then the `safetensors` library parses the header; `inspect` gets the shapes."""
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            return "truncated", f"only {size} bytes: shorter than the 8-byte header length field", None
+        (n,) = struct.unpack("<Q", head)
+        if n < 2 or n > _SAFETENSORS_MAX_HEADER:
+            return "corrupt", f"not a safetensors file (header length field {n}, first bytes {head.hex(' ')})", None
+        if 8 + n > size:
+            return (
+                "truncated", f"the header needs {8 + n} bytes but the file has only {size}: the end was cut off", None
+            )
+        raw = f.read(n)
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, ValueError):
+        return "corrupt", "the safetensors header is not valid JSON", None
+    if not isinstance(header, dict):
+        return "corrupt", "the safetensors header is not a JSON object", None
+    data_end, declared = 0, 0
+    for key, entry in header.items():
+        if key == "__metadata__":
+            continue
+        try:
+            begin, end = (int(x) for x in entry["data_offsets"])
+            count = 1
+            for d in entry["shape"]:
+                count *= int(d)
+            declared += count * _DTYPE_BYTES.get(str(entry["dtype"]), 0)
+        except (KeyError, TypeError, ValueError):
+            return "corrupt", f"malformed header entry for tensor '{key}'", None
+        data_end = max(data_end, end)
+    if 8 + n + data_end > size:
+        return (
+            "truncated",
+            f"tensor data ends at byte {8 + n + data_end} but the file has only {size} bytes: the end was cut off",
+            None,
+        )
+    if 8 + n + data_end < size:
+        return "corrupt", f"{size - 8 - n - data_end} unexpected bytes after the last tensor", None
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as st:
+            shapes = {k: tuple(st.get_slice(k).get_shape()) for k in st.keys()}
+    except Exception as exc:  # SafetensorError and friends: the library refuses the file
+        return "corrupt", f"safetensors cannot read it: {_one_line(exc)}", None
+    if not shapes:
+        return "corrupt", "the file holds no tensors", None
+    if inspect is not None:
+        return inspect(shapes)
+    return "ok", f"{len(shapes)} tensors", None
+
+
+def check_json(path: Path, inspect: Callable[[Mapping[str, Any]], Verdict] | None = None) -> Verdict:
+    """A JSON object (config.json and friends); `inspect` judges its content."""
+    try:
+        data = json.loads(path.read_bytes())
+    except (UnicodeDecodeError, ValueError) as exc:
+        return "corrupt", f"not valid JSON ({_one_line(exc, 100)})", None
+    if not isinstance(data, dict):
+        return "corrupt", f"holds a JSON {type(data).__name__}, expected an object", None
+    if inspect is not None:
+        return inspect(data)
+    return "ok", f"{len(data)} keys", None
+
+
 # --- bpe.model --------------------------------------------------------------------------------------------------
 
 
-def _check_bpe(path: Path, cfg: ModelConfig | None) -> tuple[Status, str, str | None]:
+def check_sentencepiece(path: Path, max_pieces: int | None, limit_key: str = "gpt.number_text_tokens") -> Verdict:
+    """Load with SentencePiece; more pieces than the GPT's text vocabulary means a tokenizer of another release."""
     import sentencepiece as spm
 
     try:
@@ -411,10 +537,10 @@ def _check_bpe(path: Path, cfg: ModelConfig | None) -> tuple[Status, str, str | 
     pieces = sp.get_piece_size()
     if pieces == 0:
         return "corrupt", "SentencePiece model with no pieces", None
-    if cfg is not None and pieces > cfg.gpt.number_text_tokens:
+    if max_pieces is not None and pieces > max_pieces:
         return (
             "corrupt",
-            f"{pieces} pieces but gpt.number_text_tokens is {cfg.gpt.number_text_tokens}: "
+            f"{pieces} pieces but {limit_key} is {max_pieces}: "
             "this tokenizer does not belong to these checkpoints",
             "use the bpe.model shipped with the same release as gpt.pth and config.yaml",
         )
@@ -424,14 +550,14 @@ def _check_bpe(path: Path, cfg: ModelConfig | None) -> tuple[Status, str, str | 
 # --- deep checks (read every byte) ------------------------------------------------------------------------------
 
 
-def _deep_row(row: FileCheck, path: Path, place: _Place, *, zip_crc: bool) -> FileCheck:
+def deep_row(row: FileCheck, path: Path, place: RefetchHint, *, zip_crc: bool) -> FileCheck:
     """Content hash against the cache blob name when there is one, else zip CRCs for checkpoints."""
     problem = _blob_hash_problem(path)
     if problem is None and zip_crc and not _is_cache_blob(path):
         problem = _zip_crc_problem(path)
     if problem is None:
         return row
-    return _row_for(row.role, row.file, path, "corrupt", problem, place.refetch(row.file))
+    return row_for(row.role, row.file, path, "corrupt", problem, place.refetch(row.file), row.section)
 
 
 def _is_cache_blob(path: Path) -> bool:
@@ -475,20 +601,36 @@ def _zip_crc_problem(path: Path) -> str | None:
 
 
 def render_report(report: IntegrityReport) -> Table:
-    """The `verify` table: one row per file, problems in red with their fix."""
+    """The `verify` table: one row per file, problems in red with their fix.
+
+    Rows with a `section` (an IndexTTS2 install: main dir, then each hub dependency) get a first column naming
+    it, and a rule between sections.
+    """
     from rich.table import Table
     from rich.text import Text
 
-    table = Table(title=f"Model files in {report.model_dir}", title_justify="left")
+    family = f" ({report.family})" if report.family else ""
+    table = Table(title=f"Model files in {report.model_dir}{family}", title_justify="left")
+    sectioned = any(r.section for r in report.rows)
+    if sectioned:
+        table.add_column("part", overflow="fold")
     table.add_column("role")
     table.add_column("file")
     table.add_column("size", justify="right")
     table.add_column("status")
     table.add_column("detail / fix", overflow="fold")
+    previous: str | None = None
     for row in report.rows:
-        status = Text(row.status, style="green" if row.ok else "bold red")
+        style = "green" if row.status == "ok" else "yellow" if row.ok else "bold red"
+        status = Text(row.status, style=style)
         info = Text(row.detail)
         if row.fix:
             info.append(f"\nfix: {row.fix}", style="yellow")
-        table.add_row(row.role, row.file, human_size(row.size), status, info)
+        cells = [row.role, row.file, human_size(row.size), status, info]
+        if sectioned:
+            if previous is not None and row.section != previous:
+                table.add_section()
+            cells.insert(0, row.section if row.section != previous else "")
+            previous = row.section
+        table.add_row(*cells)
     return table

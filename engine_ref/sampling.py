@@ -18,55 +18,10 @@ from dataclasses import dataclass
 
 import torch
 
-from engine_ref.config import GPTConfig
-from engine_ref.errors import InputError
+from engine_ref.params import MAX_BEAMS, GenerationParams  # noqa: F401  (re-exported: the decoding code names it here)
 
 # HF's placeholder prompt is all ones plus the start code: both count as "seen" for the repetition penalty.
 PLACEHOLDER_PROMPT_ID = 1
-MAX_BEAMS = 16
-
-
-@dataclass(frozen=True)
-class GenerationParams:
-    """Decoding settings of one request (defaults: upstream IndexTTS 1.5 infer())."""
-
-    do_sample: bool = True
-    temperature: float = 1.0
-    top_p: float = 0.8
-    top_k: int = 30
-    repetition_penalty: float = 10.0
-    num_beams: int = 3
-    length_penalty: float = 0.0
-    max_mel_tokens: int = 600
-    seed: int | None = None
-
-    @classmethod
-    def greedy(cls, **overrides) -> "GenerationParams":
-        """Deterministic decoding: no sampling, one beam (the repetition penalty still applies, as in HF)."""
-        return cls(**{"do_sample": False, "num_beams": 1, **overrides})
-
-    def validate(self, cfg: GPTConfig) -> None:
-        """Raise InputError naming the parameter, its allowed range and the value given."""
-
-        def bad(name: str, rule: str) -> InputError:
-            return InputError(f"{name}={getattr(self, name)!r} is out of range", f"pass a {name} {rule}")
-
-        if not self.temperature > 0 or self.temperature > 100:
-            raise bad("temperature", "in (0, 100]")
-        if not 0 < self.top_p <= 1:
-            raise bad("top_p", "in (0, 1]")
-        if self.top_k < 0:
-            raise bad("top_k", ">= 0 (0 disables top-k)")
-        if not 0 < self.repetition_penalty <= 100:
-            raise bad("repetition_penalty", "in (0, 100]")
-        if not 1 <= self.num_beams <= MAX_BEAMS:
-            raise bad("num_beams", f"between 1 and {MAX_BEAMS}")
-        if not -10 <= self.length_penalty <= 10:
-            raise bad("length_penalty", "in [-10, 10]")
-        if not 1 <= self.max_mel_tokens <= cfg.max_mel_tokens:
-            raise bad("max_mel_tokens", f"between 1 and {cfg.max_mel_tokens} (the model's gpt.max_mel_tokens)")
-        if self.seed is not None and not 0 <= self.seed < 2**63:
-            raise bad("seed", "in [0, 2**63)")
 
 
 @dataclass(frozen=True)

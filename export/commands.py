@@ -12,7 +12,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("export", help="export the model to ONNX (verified against engine_ref) with a manifest")
     p.add_argument("--model", required=True, help="model directory or Hugging Face repo id (local cache only)")
     p.add_argument("--out", required=True, help="output directory for graphs + manifest.json")
-    p.add_argument("--components", nargs="+", default=None, help="cond_encoder gpt vocoder (default: all)")
+    p.add_argument("--components", nargs="+", default=None,
+                   help="default: all of the model's family. IndexTTS 1.x: cond_encoder gpt vocoder; IndexTTS-2: "
+                        "semantic_encoder semantic_codec campplus conditioners gpt s2mel_front cfm vocoder; "
+                        "IndexTTS-2.5: semantic_encoder campplus speaker_projection emotion_conditioner gpt "
+                        "codec_decoder s2mel_front cfm vocoder")
     p.add_argument("--precision", nargs="+", default=["fp32"],
                    help="fp32 always; add fp16 (GPU) and/or int8/int4 (weight-only decoder for CPU)")
     p.add_argument("--max-batch", type=int, default=8, help="largest batch the graphs are verified and profiled for")
@@ -28,11 +32,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from export.pipeline import COMPONENTS, ExportRequest, run_export
+    from export.pipeline import ExportRequest, run_export
 
     precisions = tuple(dict.fromkeys(["fp32", *args.precision]))
     req = ExportRequest(
-        model=args.model, out_dir=Path(args.out), components=tuple(args.components or COMPONENTS),
+        model=args.model, out_dir=Path(args.out), components=tuple(args.components or ()),
         precisions=precisions,
         options=ExportOptions(opset=args.opset, max_batch=args.max_batch, verify=not args.no_verify),
         force=args.force,

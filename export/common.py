@@ -19,6 +19,7 @@ import onnx
 import torch
 
 from export.manifest import DimRange, TensorInfo
+from export.ort_session import session  # noqa: F401  (its home is torch-free, for the serving leaves)
 
 log = logging.getLogger("export")
 
@@ -103,27 +104,6 @@ def graph_io(path: Path) -> tuple[tuple[TensorInfo, ...], tuple[TensorInfo, ...]
         return TensorInfo(v.name, _ONNX_TO_NP.get(tt.elem_type, str(tt.elem_type)), dims)
 
     return tuple(info(v) for v in graph.input), tuple(info(v) for v in graph.output)
-
-
-def session(path: Path, threads: int | None = None, providers: Sequence[str] = ("CPUExecutionProvider",),
-            optimization: str = "all", spinning: bool = True):
-    """An ORT session. spinning=False stops idle worker threads from busy-waiting between ops, which leaves the
-    cores to other processes; serving keeps ORT's spinning by default (see RepoOptions.spin_threads for why)."""
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = {
-        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-        "none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
-    }[optimization]
-    if threads:
-        opts.intra_op_num_threads = threads
-    if not spinning:
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
-    opts.log_severity_level = 3
-    return ort.InferenceSession(str(path), sess_options=opts, providers=list(providers))
 
 
 @dataclass

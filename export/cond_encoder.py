@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from engine_ref.errors import ModelFilesError
-from engine_ref.loader import LoadedModel
+from engine_ref.indextts.loader import LoadedModel
 from engine_ref.mel import HOP_LENGTH, LOG_CLAMP, N_MELS, SAMPLE_RATE
 from engine_ref.modules import conformer, ecapa
 from export.common import (

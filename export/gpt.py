@@ -6,9 +6,11 @@ Positions are explicit inputs and the attention mask marks valid keys, so paddin
 sequence (GPT-2 here has no positional term inside attention): a batch of sequences with different lengths shares
 one past length, padded, and each row computes exactly what it computes alone.
 
-- gpt_prefill: conds [B, 32, D], text_ids [B, L] (already wrapped in start/stop text tokens, left-padded),
-  text_positions [B, L], attention_mask [B, 32 + L + 1] -> logits [B, V] of the start_mel position, hidden [B, D]
-  (after ln_f and final_norm: the latent of that position), present.* (length 32 + L + 1).
+- gpt_prefill: conds [B, C, D], text_ids [B, L] (already wrapped in start/stop text tokens, left-padded),
+  text_positions [B, L], attention_mask [B, C + L + 1] -> logits [B, V] of the start_mel position, hidden [B, D]
+  (after ln_f and final_norm: the latent of that position), present.* (length C + L + 1). C = the conditioning
+  rows ahead of the text (`cond_rows`): 32 latents for 1.x, 32 latents + 2 speed rows = 34 for IndexTTS2; the
+  manifest's extra records it as `cond_rows` (and, for older readers, `num_latents`).
 - gpt_decode: mel_tokens [B, T], mel_positions [B, T], attention_mask [B, P + T], past_key_values.* ->
   logits [B, V] of the last position, hidden [B, T, D] (after both final norms), present.*.
   T = 1 is a decode step; T > 1 replays codes teacher-forced, which is how the latent pass runs through the same graph.
@@ -26,7 +28,7 @@ import torch
 from torch import nn
 
 from engine_ref.generate import build_prefix, decode_sampling
-from engine_ref.loader import LoadedModel
+from engine_ref.indextts.loader import LoadedModel
 from engine_ref.modules.unified_voice import UnifiedVoice
 from engine_ref.sampling import GenerationParams
 from export.common import FP32_TOLERANCE, ErrorMeter, ExportOptions, check_tolerance, dim, export_onnx, graph_io
@@ -38,6 +40,12 @@ PREFILL = "gpt_prefill"
 DECODE = "gpt_decode"
 
 
+def cond_rows(cfg) -> int:
+    """Conditioning rows ahead of the text: `cfg.cond_rows` where the family defines it (IndexTTS2: 34), else the
+    perceiver's latents (1.x: 32)."""
+    return int(getattr(cfg, "cond_rows", cfg.condition_num_latent))
+
+
 def kv_names(layers: int, prefix: str) -> list[str]:
     return [f"{prefix}.{i}.{kind}" for i in range(layers) for kind in ("key", "value")]
 
@@ -47,10 +55,14 @@ class PrefillGraph(nn.Module):
         super().__init__()
         self.uv = uv
 
+    def text_rows(self, text_ids, text_positions):
+        """Text embeddings [B, L, D]: token + position (IndexTTS-2.5's graph adds its language row here)."""
+        return self.uv.text_embedding(text_ids) + self.uv.text_pos_embedding(text_positions)
+
     def forward(self, conds, text_ids, text_positions, attention_mask):
         uv = self.uv
         cfg = uv.cfg
-        text = uv.text_embedding(text_ids) + uv.text_pos_embedding(text_positions)
+        text = self.text_rows(text_ids, text_positions)
         start = uv.mel_embedding.weight[cfg.start_mel_token] + uv.mel_pos_embedding.emb.weight[0]
         start = start.reshape(1, 1, -1).expand(conds.shape[0], 1, conds.shape[2])
         x = torch.cat([conds, text, start], dim=1)
@@ -82,7 +94,8 @@ def _kv_extra(uv: UnifiedVoice) -> dict:
         "past_names": "past_key_values.{i}.key|value",
         "present_names": "present.{i}.key|value",
         "model_dim": cfg.model_dim,
-        "num_latents": cfg.condition_num_latent,
+        "num_latents": cond_rows(cfg),  # = cond_rows; the name older readers (models/decoder.py) use
+        "cond_rows": cond_rows(cfg),
         "vocab": cfg.number_mel_codes,
         "start_mel_token": cfg.start_mel_token,
         "stop_mel_token": cfg.stop_mel_token,
@@ -90,32 +103,36 @@ def _kv_extra(uv: UnifiedVoice) -> dict:
         "stop_text_token": cfg.stop_text_token,
         "max_mel_tokens": cfg.max_mel_tokens,
         "max_text_tokens": cfg.max_text_tokens,
+        "text_vocab": cfg.text_vocab,
         "first_generated_position": 2,
     }
 
 
 def _max_past(uv: UnifiedVoice) -> int:
     cfg = uv.cfg
-    return cfg.condition_num_latent + cfg.text_positions + cfg.mel_positions
+    return cond_rows(cfg) + cfg.text_positions + cfg.mel_positions
 
 
 def _example_prefill(uv: UnifiedVoice, batch: int, text_len: int, gen: torch.Generator):
     cfg = uv.cfg
-    conds = torch.randn(batch, cfg.condition_num_latent, cfg.model_dim, generator=gen)
+    conds = torch.randn(batch, cond_rows(cfg), cfg.model_dim, generator=gen)
     ids = torch.randint(2, cfg.text_vocab, (batch, text_len), generator=gen)
     pos = torch.arange(text_len).repeat(batch, 1)
-    mask = torch.ones(batch, cfg.condition_num_latent + text_len + 1, dtype=torch.int64)
+    mask = torch.ones(batch, cond_rows(cfg) + text_len + 1, dtype=torch.int64)
     return conds, ids, pos, mask
 
 
-def export_prefill(model: LoadedModel, out_dir: Path, opts: ExportOptions) -> Component:
+def export_prefill(model: LoadedModel, out_dir: Path, opts: ExportOptions, graph: PrefillGraph | None = None,
+                   verifier=None) -> Component:
+    """The prefill graph (`graph`: PrefillGraph(model.gpt) unless a family passes its own subclass), verified by
+    `verifier(model, out_dir, comp, opts)` (default verify_prefill)."""
     uv = model.gpt
     cfg = uv.cfg
     path = out_dir / f"{PREFILL}.onnx"
     presents = kv_names(cfg.layers, "present")
     t0 = time.perf_counter()
     ext = export_onnx(
-        PrefillGraph(uv), _example_prefill(uv, 2, 7, torch.Generator().manual_seed(opts.seed)), path,
+        graph or PrefillGraph(uv), _example_prefill(uv, 2, 7, torch.Generator().manual_seed(opts.seed)), path,
         ["conds", "text_ids", "text_positions", "attention_mask"], ["logits", "hidden", *presents],
         {"conds": {0: "batch"}, "text_ids": {0: "batch", 1: "text_len"}, "text_positions": {0: "batch", 1: "text_len"},
          "attention_mask": {0: "batch", 1: "prefix_len"}, "logits": {0: "batch"}, "hidden": {0: "batch"},
@@ -124,14 +141,14 @@ def export_prefill(model: LoadedModel, out_dir: Path, opts: ExportOptions) -> Co
     )
     log.info("exported %s in %.1f s", path.name, time.perf_counter() - t0)
     inputs, outputs = graph_io(path)
-    prefix_max = cfg.condition_num_latent + cfg.text_positions + 1
+    prefix_max = cond_rows(cfg) + cfg.text_positions + 1
     comp = Component(
         name=PREFILL, file=path.name, sha256="", opset=opts.opset, precision="fp32", inputs=inputs, outputs=outputs,
         dims={"batch": dim(1, min(4, opts.max_batch), opts.max_batch), "text_len": dim(3, 64, cfg.text_positions),
-              "prefix_len": dim(cfg.condition_num_latent + 4, 128, prefix_max)},
+              "prefix_len": dim(cond_rows(cfg) + 4, 128, prefix_max)},
         parity=None, external_data=ext, extra=_kv_extra(uv),
     )
-    return _finish(model, out_dir, comp, opts, verify_prefill)
+    return _finish(model, out_dir, comp, opts, verifier or verify_prefill)
 
 
 def export_decode(model: LoadedModel, out_dir: Path, opts: ExportOptions) -> Component:
@@ -233,8 +250,18 @@ def measure_decode(sess, uv: UnifiedVoice, cases: list[DecodeCase], logits: Erro
             present.add(ours, ref)
 
 
+def random_texts(uv: UnifiedVoice, lengths: list[int], gen: torch.Generator, first_row: int = 0) -> list[list[int]]:
+    """Cleaned text ids (never start/stop) of the given lengths: the prefill verification's texts (`first_row`:
+    how many rows earlier cases held, for texts_for functions that cycle through something per row)."""
+    return [[int(x) for x in torch.randint(2, uv.cfg.text_vocab, (n,), generator=gen)] for n in lengths]
+
+
 @torch.inference_mode()
-def verify_prefill(model: LoadedModel, out_dir: Path, comp: Component, opts: ExportOptions) -> Parity:
+def verify_prefill(model: LoadedModel, out_dir: Path, comp: Component, opts: ExportOptions,
+                   texts_for=random_texts, min_rows: int = 0) -> Parity:
+    """Prefill graph vs engine_ref's build_prefix + decode at B = 1, 2 and max_batch (padded rows), on the texts
+    `texts_for(uv, lengths, generator, first_row)` makes (a family whose ids carry more than the token passes its
+    own), plus cases of up to max_batch rows until `min_rows` rows were verified."""
     from export.runtime import OrtDecoder
 
     uv = model.gpt
@@ -242,10 +269,16 @@ def verify_prefill(model: LoadedModel, out_dir: Path, comp: Component, opts: Exp
     meter = ErrorMeter()
     gen = torch.Generator().manual_seed(opts.seed + 1)
     cases = []
-    for batch, lengths in ((1, [5]), (2, [3, 11]), (opts.max_batch, None)):
+    rows = 0
+    batches = [(1, [5]), (2, [3, 11]), (opts.max_batch, None)]
+    while batches:
+        batch, lengths = batches.pop(0)
         lengths = lengths or [int(x) for x in torch.randint(1, 40, (batch,), generator=gen)]
-        conds = torch.randn(batch, uv.cfg.condition_num_latent, uv.cfg.model_dim, generator=gen)
-        texts = [[int(x) for x in torch.randint(2, uv.cfg.text_vocab, (n,), generator=gen)] for n in lengths]
+        conds = torch.randn(batch, cond_rows(uv.cfg), uv.cfg.model_dim, generator=gen)
+        texts = texts_for(uv, lengths, gen, rows)
+        rows += batch
+        if not batches and rows < min_rows:
+            batches.append((min(opts.max_batch, min_rows - rows), None))
         logits, hidden, state = dec.prefill(conds.numpy(), texts)
         with torch.inference_mode():
             embeds, valid = build_prefix(uv, conds, texts)
@@ -291,7 +324,7 @@ def greedy_parity(model: LoadedModel, export_dir: Path, prompts: int = 10, max_m
     params = GenerationParams.greedy(max_mel_tokens=max_mel_tokens)
     exact = agree = total = 0
     for _ in range(prompts):
-        conds = torch.randn(1, cfg.condition_num_latent, cfg.model_dim, generator=gen)
+        conds = torch.randn(1, cond_rows(cfg), cfg.model_dim, generator=gen)
         n = int(torch.randint(3, 30, (1,), generator=gen))
         text = [int(x) for x in torch.randint(2, cfg.text_vocab, (n,), generator=gen)]
         ref = decode_sampling(uv, conds, [text], [params], [0])[0]

@@ -20,7 +20,7 @@ from engine_ref.errors import ModelFilesError
 MANIFEST_NAME = "manifest.json"
 FORMAT = "triton-tts-export/1"
 # Bump when the exported graphs change meaning, so stale exports are rebuilt rather than reused.
-EXPORT_CODE_VERSION = 2
+EXPORT_CODE_VERSION = 3  # 3: model.family is the families constant; GPT extra has cond_rows; IndexTTS2
 
 
 @dataclass(frozen=True)
@@ -182,3 +182,16 @@ def component_digest(export_dir: Path, comp: Component) -> str:
     for f in files:
         h.update(sha256_file(export_dir / f).encode())
     return h.hexdigest()
+
+
+def verify_component(export_dir: str | os.PathLike, comp: Component) -> None:
+    """Refuse a graph whose files differ from what the export recorded (tampered, truncated or half-copied)."""
+    export_dir = Path(export_dir)
+    for fname in (comp.file, *comp.external_data):
+        if not (export_dir / fname).is_file():
+            raise ModelFilesError(f"artifact {fname} of component '{comp.name}' is missing from {export_dir}",
+                                  f"re-run `triton-tts export` into {export_dir}")
+    if component_digest(export_dir, comp) != comp.sha256:
+        raise ModelFilesError(
+            f"artifact {comp.file} of component '{comp.name}' does not match the sha256 in the manifest "
+            "(altered, truncated or from another export)", f"re-run `triton-tts export` into {export_dir}")

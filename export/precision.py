@@ -47,7 +47,7 @@ import torch
 from onnx import helper, numpy_helper
 
 from engine_ref.errors import InputError
-from engine_ref.loader import LoadedModel
+from engine_ref.indextts.loader import LoadedModel
 from export.common import (
     EXTERNAL_DATA_THRESHOLD,
     FP16_TOLERANCE,
@@ -59,7 +59,7 @@ from export.common import (
     graph_io,
     session,
 )
-from export.gpt import DECODE, PREFILL, decode_cases, kv_names, measure_decode
+from export.gpt import DECODE, PREFILL, cond_rows, decode_cases, kv_names, measure_decode
 from export.manifest import Component, Parity, component_digest
 
 log = logging.getLogger("export.precision")
@@ -262,7 +262,7 @@ def prefill_parity(model: LoadedModel, export_dir: Path, comp: Component, opts: 
     cases = []
     for batch, lengths in ((1, [5]), (2, [3, 11]), (opts.max_batch, None)):
         lengths = lengths or [int(x) for x in torch.randint(1, 40, (batch,), generator=gen)]
-        conds = torch.randn(batch, uv.cfg.condition_num_latent, uv.cfg.model_dim, generator=gen)
+        conds = torch.randn(batch, cond_rows(uv.cfg), uv.cfg.model_dim, generator=gen)
         texts = [[int(x) for x in torch.randint(2, uv.cfg.text_vocab, (n,), generator=gen)] for n in lengths]
         if dec.dtype == np.float16:
             conds = conds.half().float()  # the reference sees the conds the graph sees
@@ -290,7 +290,7 @@ def token_agreement(reference, variant, model: LoadedModel, cfg: AgreementConfig
     worst = 0.0
     for start in range(0, cfg.prompts, chunk):
         b = min(chunk, cfg.prompts - start)
-        conds = rng.standard_normal((b, gcfg.condition_num_latent, gcfg.model_dim)).astype(np.float32)
+        conds = rng.standard_normal((b, cond_rows(gcfg), gcfg.model_dim)).astype(np.float32)
         texts = [[int(x) for x in rng.integers(2, gcfg.text_vocab, int(rng.integers(3, 30)))] for _ in range(b)]
         ref_logits, _, ref_state = reference.prefill(conds, texts)
         _, _, var_state = variant.prefill(conds, texts)

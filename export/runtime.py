@@ -83,7 +83,9 @@ class OrtDecoder:
         self.layers: int = extra["layers"]
         self.heads: int = extra["heads"]
         self.head_dim: int = extra["head_dim"]
-        self.num_latents: int = extra["num_latents"]
+        # Conditioning rows ahead of the text (1.x: 32 latents; IndexTTS2: 32 latents + 2 speed rows = 34).
+        self.cond_rows: int = int(extra.get("cond_rows", extra["num_latents"]))
+        self.num_latents: int = self.cond_rows  # the older name, kept for callers
         self.start_text, self.stop_text = extra["start_text_token"], extra["stop_text_token"]
         self.start_mel, self.stop_mel = extra["start_mel_token"], extra["stop_mel_token"]
         self.vocab: int = extra["vocab"]
@@ -101,7 +103,7 @@ class OrtDecoder:
                    manifest.component("gpt_decode", precision), **kwargs)
 
     def prefill(self, conds: np.ndarray, texts: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray, KVState]:
-        """conds [B, 32, D]; texts: cleaned text ids per row (start/stop are added here)."""
+        """conds [B, cond_rows, D]; texts: cleaned text ids per row (start/stop are added here)."""
         b = len(texts)
         wrapped = [[self.start_text, *t, self.stop_text] for t in texts]
         width = max(len(w) for w in wrapped)
@@ -112,7 +114,7 @@ class OrtDecoder:
             ids[r, width - len(w):] = w
             pos[r, width - len(w):] = np.arange(len(w))
             text_mask[r, width - len(w):] = True
-        mask = np.concatenate([np.ones((b, self.num_latents), bool), text_mask, np.ones((b, 1), bool)], axis=1)
+        mask = np.concatenate([np.ones((b, self.cond_rows), bool), text_mask, np.ones((b, 1), bool)], axis=1)
         if conds.shape[0] == 1 and b > 1:
             conds = np.repeat(conds, b, axis=0)
         logits, hidden, *kv = self._prefill.run(None, {

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from engine_ref.loader import LoadedModel
+from engine_ref.indextts.loader import LoadedModel
 from export.common import FP32_TOLERANCE, ErrorMeter, ExportOptions, check_tolerance, dim, export_onnx, graph_io
 from export.cond_encoder import check_dims_named, open_checked_session, pin_output_shapes
 from export.manifest import Component, DimRange, Parity, component_digest
@@ -57,6 +57,78 @@ class VocoderCase:
 def latent_range(model: LoadedModel) -> DimRange:
     hi = max(MAX_LATENT_FRAMES, 2 * model.config.gpt.max_mel_tokens)
     return dim(MIN_LATENT_FRAMES, OPT_LATENT_FRAMES, hi)
+
+
+@dataclass(frozen=True)
+class VocoderContext:
+    """How many latent frames before and after a sample's own frame can change it (BigVGAN's receptive field).
+
+    Vocoding latents [a - left, b + right) and keeping the samples of frames [a, b) gives exactly the samples of
+    vocoding the whole segment (chunked streaming relies on it); measured on the module, not assumed.
+    """
+
+    left: int
+    right: int
+
+
+#: Chunked streaming's budget: a chunk's samples may differ from the whole segment's by at most this much
+#: (0.5 LSB of 16-bit PCM), far below what the int16 conversion itself rounds away.
+CHUNK_TOLERANCE = 0.5 / 32767
+
+
+@torch.no_grad()
+def effective_context(graph: nn.Module, gpt_dim: int, speaker_dim: int, spl: int, exact: VocoderContext,
+                      tolerance: float = CHUNK_TOLERANCE, chunk: int = 16) -> tuple[VocoderContext, float]:
+    """The smallest symmetric context whose chunk output stays within `tolerance` of the whole segment's.
+
+    Frames far from a sample still touch it (the exact receptive field), but by amounts far below one LSB; the
+    look-ahead a stream waits for is what matters for time to first audio. Returns the context and the largest
+    error measured with it (random unit-scale latents, three chunk positions)."""
+    frames = 2 * max(exact.left, exact.right) + 4 * chunk
+    gen = torch.Generator().manual_seed(_TRACE_SEED + 1)
+    x = torch.randn(1, frames, gpt_dim, generator=gen)
+    spk = torch.randn(1, speaker_dim, 1, generator=gen)
+    whole = graph(x, spk).reshape(-1)
+
+    def error(c: int) -> float:
+        worst = 0.0
+        for a in (max(exact.left, exact.right), frames // 2, frames - max(exact.left, exact.right) - chunk):
+            lo, hi = max(0, a - c), min(frames, a + chunk + c)
+            part = graph(x[:, lo:hi], spk).reshape(-1)[(a - lo) * spl:(a - lo + chunk) * spl]
+            worst = max(worst, float((part - whole[a * spl:(a + chunk) * spl]).abs().max()))
+        return worst
+
+    full = max(exact.left, exact.right)
+    lo, hi = 0, full
+    while lo < hi:  # the error only shrinks as the context grows
+        mid = (lo + hi) // 2
+        if error(mid) <= tolerance:
+            hi = mid
+        else:
+            lo = mid + 1
+    return VocoderContext(lo, lo), error(lo)
+
+
+@torch.no_grad()
+def measure_context(graph: nn.Module, gpt_dim: int, speaker_dim: int, spl: int, frames: int = 96) -> VocoderContext:
+    """Perturb the middle frame of a random input and see which output samples change (exactly zero elsewhere:
+    same shapes, same data, same kernels)."""
+    gen = torch.Generator().manual_seed(_TRACE_SEED)
+    x = torch.randn(1, frames, gpt_dim, generator=gen)
+    spk = torch.randn(1, speaker_dim, 1, generator=gen)
+    mid = frames // 2
+    y = x.clone()
+    y[:, mid] += 1.0
+    diff = (graph(y, spk) - graph(x, spk)).abs().reshape(-1)
+    changed = torch.nonzero(diff > 0).reshape(-1)
+    if changed.numel() == 0:
+        return VocoderContext(0, 0)
+    first, last = int(changed[0]) // spl, int(changed[-1]) // spl
+    if first == 0 or last == frames - 1:
+        raise RuntimeError(f"the vocoder's receptive field exceeds {frames // 2} frames: measure with more frames")
+    # A change at frame `mid` reaches samples of frames [first, last]: a sample of frame f needs frames
+    # [f - (last - mid), f + (mid - first)].
+    return VocoderContext(left=last - mid, right=mid - first)
 
 
 def default_cases(opts: ExportOptions) -> tuple[VocoderCase, ...]:
@@ -106,6 +178,9 @@ def export_component(model: LoadedModel, out_dir: Path, opts: ExportOptions) -> 
         "samples": dim(frames.min * spl, frames.opt * spl, frames.max * spl),
     }
     check_dims_named(NAME, (*inputs, *outputs), dims)
+    graph = VocoderGraph(model).eval()
+    context = measure_context(graph, cfg.gpt_dim, cfg.speaker_embedding_dim, spl)
+    stream_ctx, stream_err = effective_context(graph, cfg.gpt_dim, cfg.speaker_embedding_dim, spl, context)
     comp = Component(
         name=NAME, file=path.name, sha256="", opset=opts.opset, precision="fp32", inputs=inputs, outputs=outputs,
         dims=dims, parity=None, external_data=external,
@@ -118,6 +193,10 @@ def export_component(model: LoadedModel, out_dir: Path, opts: ExportOptions) -> 
             "waveform_range": [-1.0, 1.0],
             "pcm16": "clamp(32767 * waveform) then truncate toward zero (upstream's .type(torch.int16))",
             "receptive_field_latents": RECEPTIVE_FIELD_LATENTS,
+            "context_frames": {"left": context.left, "right": context.right},
+            # What chunked streaming vocodes around each chunk: within chunk_tolerance of the whole segment.
+            "stream_context_frames": {"left": stream_ctx.left, "right": stream_ctx.right,
+                                      "max_error": stream_err, "chunk_tolerance": CHUNK_TOLERANCE},
             "padding": "rows are independent; right-padding a row changes its last ~receptive_field_latents frames "
                        "of audio: batch equal lengths or decode alone for exact parity",
         },

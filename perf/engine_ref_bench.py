@@ -25,10 +25,10 @@ def bench(preset: str, models: Path, runs: int) -> dict:
     import torch
 
     from engine_ref.audio import write_wav
-    from engine_ref.loader import load_model
-    from engine_ref.presets import demo_voice, write_preset
+    from engine_ref.indextts.loader import load_model
+    from engine_ref.indextts.presets import demo_voice, write_preset
     from engine_ref.sampling import GenerationParams
-    from engine_ref.synthesizer import Synthesizer
+    from engine_ref.indextts.synthesizer import Synthesizer
 
     model_dir = models / preset
     if not model_dir.exists():

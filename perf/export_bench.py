@@ -199,7 +199,7 @@ def expected_rows(cfg: BenchConfig) -> list[str]:
 def ensure_model(cfg: BenchConfig) -> Path:
     model_dir = cfg.resolved_model_dir()
     if not (model_dir / "config.yaml").is_file():
-        from engine_ref.presets import write_preset
+        from engine_ref.indextts.presets import write_preset
 
         print(f"writing preset {cfg.preset} to {model_dir} (once)", file=sys.stderr)
         write_preset(cfg.preset, model_dir)
@@ -236,7 +236,7 @@ def ensure_export(model_dir: Path, cfg: BenchConfig, notes: list[str]):
     return export_dir, manifest
 
 
-def _rel(ours: np.ndarray, ref: np.ndarray) -> float:
+def rel_error(ours: np.ndarray, ref: np.ndarray) -> float:
     ref = np.asarray(ref, np.float64)
     return float(np.max(np.abs(np.asarray(ours, np.float64) - ref)) / max(float(np.max(np.abs(ref))), 1e-30))
 
@@ -276,7 +276,7 @@ def bench_decode(model, decoders: dict, cfg: BenchConfig) -> dict[str, dict[str,
             row = {name: 1e3 * median(t) for name, t in times.items()}
             row.update({f"{name}_best": 1e3 * min(t) for name, t in times.items()})
             for name in decoders:
-                row[f"{name}_logits_rel"] = _rel(results[name], results["eager"])
+                row[f"{name}_logits_rel"] = rel_error(results[name], results["eager"])
             out[decode_key(batch, past)] = row
             print(f"decode {decode_key(batch, past)}: " + ", ".join(f"{k} {row[k]:.1f} ms" for k in times),
                   file=sys.stderr)
@@ -310,7 +310,7 @@ def bench_prefill(model, decoder, cfg: BenchConfig) -> dict[str, dict[str, float
         times = round_robin({"eager": eager, "ort_fp32": ort}, cfg.reps, cfg.warmup, cfg.gap_s)
         row = {k: 1e3 * median(v) for k, v in times.items()}
         row.update({f"{k}_best": 1e3 * min(v) for k, v in times.items()})
-        row["ort_fp32_logits_rel"] = _rel(results["ort_fp32"], results["eager"])
+        row["ort_fp32_logits_rel"] = rel_error(results["ort_fp32"], results["eager"])
         out[prefill_key(batch, cfg)] = row
         print(f"prefill {prefill_key(batch, cfg)}: eager {row['eager']:.1f} ms, ort {row['ort_fp32']:.1f} ms",
               file=sys.stderr)
@@ -348,7 +348,7 @@ def bench_vocoder(model, export_dir: Path, manifest, cfg: BenchConfig, notes: li
     row.update({f"{k}_s_per_audio_s_best": min(v) / audio_s for k, v in times.items()})
     row["audio_s"] = audio_s
     if "ort_fp32" in results:
-        row["ort_fp32_wave_rel"] = _rel(results["ort_fp32"].reshape(-1), results["eager"].reshape(-1))
+        row["ort_fp32_wave_rel"] = rel_error(results["ort_fp32"].reshape(-1), results["eager"].reshape(-1))
     print(f"vocoder: {row}", file=sys.stderr)
     return row
 
@@ -356,7 +356,7 @@ def bench_vocoder(model, export_dir: Path, manifest, cfg: BenchConfig, notes: li
 def run(cfg: BenchConfig, argv: Sequence[str] = ()) -> tuple[Results, Path]:
     import torch
 
-    from engine_ref.loader import load_model
+    from engine_ref.indextts.loader import load_model
     from export.gpt import greedy_parity
     from export.precision import AgreementConfig, token_agreement
     from export.runtime import OrtDecoder
@@ -404,7 +404,7 @@ def run(cfg: BenchConfig, argv: Sequence[str] = ()) -> tuple[Results, Path]:
 # ---------------------------------------------------------------------------------------------------------- reporting
 
 
-def _f(x: float, digits: int = 1) -> str:
+def fmt(x: float | None, digits: int = 1) -> str:
     return "n/a" if x is None or not np.isfinite(x) else f"{x:.{digits}f}"
 
 
@@ -418,14 +418,14 @@ def targets(res: Results, cfg: BenchConfig, best: bool = False) -> list[tuple[st
         row = res.decode[decode_key(b_lo, p)]
         t = {k: row.get(k + sfx, nan) for k in DECODE_ENGINES}
         speed = ratio(t["eager"], t["ort_fp32"])
-        out.append((f"ORT fp32 decode b{b_lo} p{p} >= 1.8x faster than eager", f"{_f(speed, 2)}x", speed >= 1.8))
+        out.append((f"ORT fp32 decode b{b_lo} p{p} >= 1.8x faster than eager", f"{fmt(speed, 2)}x", speed >= 1.8))
         floor = ratio(t["ort_fp32"], res.floor["fp32_floor_ms"])
-        out.append((f"ORT fp32 decode b{b_lo} p{p} <= 1.3x the floor", f"{_f(floor, 2)}x floor", floor <= 1.3))
+        out.append((f"ORT fp32 decode b{b_lo} p{p} <= 1.3x the floor", f"{fmt(floor, 2)}x floor", floor <= 1.3))
         scale = ratio(res.decode[decode_key(b_hi, p)].get("ort_fp32" + sfx, nan), t["ort_fp32"])
-        out.append((f"ORT fp32 batch {b_hi} step <= 2.2x batch {b_lo} step (p{p})", f"{_f(scale, 2)}x", scale <= 2.2))
+        out.append((f"ORT fp32 batch {b_hi} step <= 2.2x batch {b_lo} step (p{p})", f"{fmt(scale, 2)}x", scale <= 2.2))
         fastest = min(VARIANTS, key=lambda v: row[f"ort_{v}"])
         rel = ratio(t[f"ort_{fastest}"], res.floor["fp32_floor_ms"])
-        out.append((f"weight-only decoder b{b_lo} p{p} <= 0.4x the fp32 floor", f"{fastest}: {_f(rel, 2)}x",
+        out.append((f"weight-only decoder b{b_lo} p{p} <= 0.4x the fp32 floor", f"{fastest}: {fmt(rel, 2)}x",
                     rel <= 0.4))
     for v in VARIANTS:
         a = res.agreement[v]["token_agreement"]
@@ -437,7 +437,7 @@ def targets(res: Results, cfg: BenchConfig, best: bool = False) -> list[tuple[st
     if "ort_fp32_s_per_audio_s" in res.vocoder:
         r = ratio(res.vocoder.get("ort_fp32_s_per_audio_s" + sfx, nan),
                   res.vocoder.get("eager_s_per_audio_s" + sfx, nan))
-        out.append(("BigVGAN through ORT no slower than eager", f"ORT/eager {_f(r, 2)}", r <= 1.0))
+        out.append(("BigVGAN through ORT no slower than eager", f"ORT/eager {fmt(r, 2)}", r <= 1.0))
     return out
 
 
@@ -467,10 +467,10 @@ def render(res: Results, cfg: BenchConfig) -> str:
         for b in cfg.batches:
             r = res.decode[decode_key(b, p)]
             lines.append(
-                f"| decode {decode_key(b, p)} | {_f(r['eager'])} | {_f(r['ort_fp32'])} | {_f(r['ort_int8'])} | "
-                f"{_f(r['ort_int4'])} | {_f(ratio(r['eager'], r['ort_fp32']), 2)} | "
-                f"{_f(ratio(r['ort_int8'], r['ort_fp32']), 2)} | {_f(ratio(r['ort_int4'], r['ort_fp32']), 2)} | "
-                f"{_f(ratio(r['ort_fp32'], fl['fp32_floor_ms']), 2)} | {r['ort_fp32_logits_rel']:.1e} | "
+                f"| decode {decode_key(b, p)} | {fmt(r['eager'])} | {fmt(r['ort_fp32'])} | {fmt(r['ort_int8'])} | "
+                f"{fmt(r['ort_int4'])} | {fmt(ratio(r['eager'], r['ort_fp32']), 2)} | "
+                f"{fmt(ratio(r['ort_int8'], r['ort_fp32']), 2)} | {fmt(ratio(r['ort_int4'], r['ort_fp32']), 2)} | "
+                f"{fmt(ratio(r['ort_fp32'], fl['fp32_floor_ms']), 2)} | {r['ort_fp32_logits_rel']:.1e} | "
                 f"{r['ort_int8_logits_rel']:.1e} | {r['ort_int4_logits_rel']:.1e} |"
             )
     lines += ["", f"Best of {cfg.reps} rounds (ms):", "", "| case | eager | ORT fp32 | ORT int8 | ORT int4 |",
@@ -479,7 +479,7 @@ def render(res: Results, cfg: BenchConfig) -> str:
         for b in cfg.batches:
             r = res.decode[decode_key(b, p)]
             lines.append(f"| best {decode_key(b, p)} | "
-                         + " | ".join(_f(r.get(e + "_best", float("nan"))) for e in DECODE_ENGINES) + " |")
+                         + " | ".join(fmt(r.get(e + "_best", float("nan"))) for e in DECODE_ENGINES) + " |")
     lines += ["", "Batch scaling (step at batch b / step at batch 1, medians):", "",
               "| past | engine | " + " | ".join(f"b{b}/b1" for b in cfg.batches if b != 1) + " |",
               "|---|---|" + "---|" * sum(1 for b in cfg.batches if b != 1)]
@@ -487,7 +487,7 @@ def render(res: Results, cfg: BenchConfig) -> str:
         for p in cfg.pasts:
             for eng in DECODE_ENGINES:
                 base = res.decode[decode_key(1, p)][eng]
-                cells = [_f(ratio(res.decode[decode_key(b, p)][eng], base), 2) for b in cfg.batches if b != 1]
+                cells = [fmt(ratio(res.decode[decode_key(b, p)][eng], base), 2) for b in cfg.batches if b != 1]
                 lines.append(f"| p{p} | {eng} | " + " | ".join(cells) + " |")
     lines += [
         "", "## Prefill (32 conds + text tokens, logits of the start position)", "",
@@ -495,27 +495,27 @@ def render(res: Results, cfg: BenchConfig) -> str:
     ]
     for b in cfg.prefill_batches:
         r = res.prefill[prefill_key(b, cfg)]
-        lines.append(f"| prefill {prefill_key(b, cfg)} | {_f(r['eager'])} | {_f(r['ort_fp32'])} | "
-                     f"{_f(ratio(r['eager'], r['ort_fp32']), 2)} | {r['ort_fp32_logits_rel']:.1e} |")
+        lines.append(f"| prefill {prefill_key(b, cfg)} | {fmt(r['eager'])} | {fmt(r['ort_fp32'])} | "
+                     f"{fmt(ratio(r['eager'], r['ort_fp32']), 2)} | {r['ort_fp32_logits_rel']:.1e} |")
     v = res.vocoder
     ort_v = v.get("ort_fp32_s_per_audio_s", float("nan"))
     lines += [
         "", f"## BigVGAN (batch 1, {v['audio_s']:.2f} s of audio; seconds of compute per second of audio)", "",
         "| case | eager | ORT fp32 | ORT/eager | waveform rel |", "|---|---|---|---|---|",
-        f"| vocoder | {_f(v['eager_s_per_audio_s'], 3)} | {_f(ort_v, 3)} | "
-        f"{_f(ratio(ort_v, v['eager_s_per_audio_s']), 2)} | {v.get('ort_fp32_wave_rel', float('nan')):.1e} |",
+        f"| vocoder | {fmt(v['eager_s_per_audio_s'], 3)} | {fmt(ort_v, 3)} | "
+        f"{fmt(ratio(ort_v, v['eager_s_per_audio_s']), 2)} | {v.get('ort_fp32_wave_rel', float('nan')):.1e} |",
         "", "## Decode floor (weight bytes streamed per step / read bandwidth)", "",
         f"Bandwidth: streaming reads of a {cfg.bandwidth_mib} MiB fp32 matrix with {m['threads']} threads by "
         "ORT MatMul [1,K]x[K,N] (GEMV, the decode step's kernel), torch.mv and torch.sum, before and after the "
         "decode runs; GB/s: "
-        + ", ".join(f"{k[3:-5].replace('_after', ' (after)')} {_f(v)}" for k, v in fl.items()
+        + ", ".join(f"{k[3:-5].replace('_after', ' (after)')} {fmt(v)}" for k, v in fl.items()
                     if k.startswith("bw_") and k != "bw_used_gbps")
-        + f". The floor uses the best: {_f(fl['bw_used_gbps'])} GB/s. Streamed bytes = all initializers except "
+        + f". The floor uses the best: {fmt(fl['bw_used_gbps'])} GB/s. Streamed bytes = all initializers except "
         "embedding tables read by Gather (a step reads one row of those).", "",
         "| case | fp32 | int8 | int4 |", "|---|---|---|---|",
-        f"| floor | {fl['fp32_bytes'] / 1e6:.0f} MB -> {_f(fl['fp32_floor_ms'])} ms | "
-        f"{fl['int8_bytes'] / 1e6:.0f} MB -> {_f(fl['int8_floor_ms'])} ms | "
-        f"{fl['int4_bytes'] / 1e6:.0f} MB -> {_f(fl['int4_floor_ms'])} ms |",
+        f"| floor | {fl['fp32_bytes'] / 1e6:.0f} MB -> {fmt(fl['fp32_floor_ms'])} ms | "
+        f"{fl['int8_bytes'] / 1e6:.0f} MB -> {fmt(fl['int8_floor_ms'])} ms | "
+        f"{fl['int4_bytes'] / 1e6:.0f} MB -> {fmt(fl['int4_floor_ms'])} ms |",
         "", f"## Greedy token agreement with ORT fp32 ({cfg.agreement_prompts} prompts x {cfg.agreement_steps} "
             "teacher-forced steps)", "",
         "| case | agreement | mismatches | max fp32 margin at a mismatch (logits) |", "|---|---|---|---|",
@@ -592,18 +592,22 @@ def parse_args(argv: Sequence[str] | None = None) -> BenchConfig:
     )
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def run_main(parse: Callable, run_fn: Callable, argv: Sequence[str] | None = None) -> int:
+    """The benches' shared entry point: parse, run, print the report's path; a TTSError is one line and exit 2."""
     from engine_ref.errors import TTSError
 
     try:
         argv = list(sys.argv[1:] if argv is None else argv)
-        cfg = parse_args(argv)
-        _, path = run(cfg, argv)
+        _, path = run_fn(parse(argv), argv)
     except TTSError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(f"wrote {path}", file=sys.stderr)
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_main(parse_args, run, argv)
 
 
 if __name__ == "__main__":

@@ -130,6 +130,15 @@ def targets(result) -> list[Target]:
                 out.append(Target(f"T2b {sc.name}", "8 concurrent: audio s per wall s >= 3x served at concurrency 1",
                                   f"{_f(lv8.audio_per_wall, 2)} vs {_f(lv1.audio_per_wall, 2)} = {_x(r_c1)}",
                                   ">= 3.00x", None if math.isnan(r_c1) else r_c1 >= 3.0))
+                out.append(Target(f"T5 {sc.name}", "concurrent path: audio s per wall s at 8 >= 1.5x concurrency 1",
+                                  f"{_f(lv8.audio_per_wall, 2)} vs {_f(lv1.audio_per_wall, 2)} = {_x(r_c1)}",
+                                  ">= 1.50x", None if math.isnan(r_c1) else r_c1 >= 1.5))
+            ceil = result.ceilings.get(f"{sc.name}@8")
+            if ceil is not None:
+                r_ceil = ratio(lv8.audio_per_wall, ceil.audio_per_wall)
+                out.append(Target(f"T6 {sc.name}", "concurrent path: audio s per wall s at 8 >= 0.9x the sum-of-parts "
+                                  "ceiling", f"{_f(lv8.audio_per_wall, 2)} vs {_f(ceil.audio_per_wall, 2)} = "
+                                  f"{_x(r_ceil)}", ">= 0.90x", None if math.isnan(r_ceil) else r_ceil >= 0.9))
     for fs in result.first_segment:
         r = ratio(fs.ttfa_s, fs.alone_s)
         out.append(Target(f"T3 {fs.scenario}[{fs.text_index}]", "streaming TTFA within 1.2x of the first segment "
@@ -163,6 +172,14 @@ def expected_rows(cfg) -> list[str]:
     rows += [f"| {sc.name} c={c} |" for sc in cfg.scenarios for c in sc.concurrency]
     rows += [f"| T1 {sc.name} |" for sc in cfg.scenarios if 1 in sc.concurrency]
     rows += [f"| T2a {sc.name} |" for sc in cfg.scenarios if 8 in sc.concurrency]
+    rows += [f"| T5 {sc.name} |" for sc in cfg.scenarios if {1, 8} <= set(sc.concurrency)]
+    rows += [f"| batch {sc.name} c={c} |" for sc in cfg.scenarios for c in sc.concurrency]
+    if cfg.parts:
+        rows += [f"| T6 {sc.name} |" for sc in cfg.scenarios if 8 in sc.concurrency]
+        rows += [f"| parts {sc.name} |" for sc in cfg.scenarios]
+        rows += [f"| ceiling {sc.name} c={c} |" for sc in cfg.scenarios for c in sc.concurrency]
+    if cfg.cancel_victims > 0:
+        rows += [f"| cancel c={cfg.cancel_concurrency} |"]
     rows += [f"| {v} {sc.name} c=1 |" for v in cfg.variants for sc in cfg.scenarios]
     rows += [f"| T4 {v} {sc.name} |" for v in cfg.variants for sc in cfg.scenarios]
     if cfg.perf_analyzer:
@@ -192,6 +209,10 @@ def _machine_lines(result) -> list[str]:
         f"first-segment check: median of {cfg.first_segment_reps}",
     ]
     lines.append(f"- tritonserver arguments beyond the defaults: `{' '.join(cfg.server_args) or 'none'}`")
+    if result.scrape_s:
+        lines.append(f"- decoder batch: the metrics endpoint scraped every {1e3 * cfg.batch_sample_s:g} ms during each "
+                     f"level (median scrape {_f(1e3 * statistics.median(result.scrape_s), 1)} ms, "
+                     f"{len(result.scrape_s)} scrapes; the scraping shares the CPU with the server)")
     lines += [f"- note: {n}" for n in result.notes]
     if result.timings:
         lines.append("- phases: " + ", ".join(f"{k[:-2]} {v:.0f} s" for k, v in result.timings.items()))
@@ -217,7 +238,7 @@ def render(result, stem: str) -> str:
                     _f(ratio(r.vocoder_s, r.audio_s))] for r in result.ref))
     out += [""]
 
-    out += ["## Served: our async gRPC streaming client (tts_bls)", "",
+    out += ["## Served: our async gRPC streaming client (tts)", "",
             "TTFA = time to first audio; latency = to the last chunk; ratios are served / engine_ref (same run): "
             "TTFA vs engine_ref's first segment, RTF vs engine_ref's RTF, throughput vs engine_ref serving the same "
             "requests one after another.", ""]
@@ -237,8 +258,12 @@ def render(result, stem: str) -> str:
     errors = sorted({e for lv in result.levels for e in lv.errors})
     out += [""] + [f"- failure seen: {e}" for e in errors] + ([""] if errors else [])
 
+    out += _ceiling_section(result)
+    out += _batch_section(result, stem)
+    out += _cancel_section(result)
+
     out += ["## Triton per-model statistics (deltas over each level)", "",
-            "Decoupled models (tts_bls, gpt_decoder) count only their `execute` call (enqueueing); their work shows "
+            "Decoupled models (tts, gpt_decoder) count only their `execute` call (enqueueing); their work shows "
             "in the client latency and in the leaves they call.", ""]
     rows = [[f"{key.replace('@', ' c=')} {mt.model}", mt.requests, mt.executions, _f(mt.queue_ms, 2),
              _f(mt.compute_ms, 2), _f(mt.queue_total_s, 2), _f(mt.compute_total_s, 2)]
@@ -254,7 +279,7 @@ def render(result, stem: str) -> str:
                        for f in result.first_segment)) + [""]
 
     if cfg.perf_analyzer:
-        out += ["## perf_analyzer (streaming, gRPC, model tts_bls, scenario "
+        out += ["## perf_analyzer (streaming, gRPC, model tts, scenario "
                 f"{cfg.pa_scenario}, {cfg.pa_trials} windows x {cfg.pa_request_count} requests)", "",
                 "perf_analyzer's own latency for a decoupled model is to the FIRST response (= time to first audio); "
                 "the last-response column comes from its profile export. CSVs and logs: "
@@ -328,6 +353,114 @@ def render(result, stem: str) -> str:
     return "\n".join(out)
 
 
+def _ms(x: float | None, digits: int = 1) -> str:
+    return "n/a" if x is None or not math.isfinite(float(x)) else f"{1e3 * float(x):.{digits}f}"
+
+
+def _ceiling_section(result) -> list[str]:
+    cfg = result.config
+    if not cfg.parts:
+        return []
+    out = ["## Throughput against the sum-of-parts ceiling", "",
+           "Ceiling = the level's audio / (its requests' preprocess + prefill + latent pass + vocoder, one after "
+           "another, + its generated tokens / b decode steps at batch b), every part timed alone (back to back, the "
+           f"fastest of {cfg.parts_reps} calls) through ONNX Runtime on the same graphs, threads and spinning as the "
+           "server, with no server running (perf/parts.py); the vocoder calls are the server's own (with chunked "
+           "streaming: each chunk with its context frames, from the responses' INFO). b = "
+           f"min(max_sequences {cfg.max_sequences}, c x min(segments, segments in flight)). The cond encoder is not "
+           "counted (the voices are cached after warm-up).", ""]
+    if result.parts_error:
+        out += [f"The parts were not measured: {result.parts_error}", ""]
+    rows = []
+    for lv in result.levels:
+        key = f"{lv.scenario}@{lv.concurrency}"
+        ceil = result.ceilings.get(key)
+        lv1 = _level(result.levels, lv.scenario, 1)
+        rows.append([f"ceiling {lv.scenario} c={lv.concurrency}", _f(lv.audio_per_wall, 2),
+                     _f(ceil.audio_per_wall if ceil else math.nan, 2),
+                     _x(ratio(lv.audio_per_wall, ceil.audio_per_wall if ceil else math.nan)),
+                     _x(ratio(lv.audio_per_wall, lv1.audio_per_wall if lv1 else math.nan)),
+                     ceil.batch if ceil else "n/a", _f(ceil.serial_s if ceil else math.nan),
+                     _f(ceil.decode_s if ceil else math.nan), _f(ceil.steps if ceil else math.nan, 0)])
+    out += _table(["level", "measured audio s per wall s", "ceiling", "measured / ceiling", "vs c=1",
+                   "decode batch b", "serial parts s", "decode s", "decode steps"], rows) + [""]
+    rows = []
+    for sc in cfg.scenarios:
+        p = result.parts.get(sc.name)
+        if p is None:
+            rows.append([f"parts {sc.name}", "not measured", "", "", "", "", "", "", "", ""])
+            continue
+        flat = lambda d: [x for v in d.values() for x in v]  # noqa: E731
+        rows.append([f"parts {sc.name}", _ms(statistics.median(p.preprocess_s.values()) if p.preprocess_s else None, 2),
+                     _ms(statistics.median(flat(p.prefill_s)) if p.prefill_s else None, 2),
+                     _ms(statistics.median(flat(p.latents_s)) if p.latents_s else None, 2),
+                     ", ".join(f"b{b} {_ms(t, 2)}" for b, t in sorted(p.step_s.items())), p.step_past,
+                     f"{_ms(p.vocoder_fixed_s, 2)} + {_f(p.vocoder_s_per_audio_s, 4)}",
+                     _f(statistics.mean(len(w.vocoder_frames) for w in result.work.get(sc.name, [])), 1)
+                     if result.work.get(sc.name) else "n/a", _frames_per_code(result.work.get(sc.name, [])),
+                     _f(p.tokens_per_code, 2)])
+    out += ["Parts of one request, alone (medians over requests and segments of each part's fastest call):", ""]
+    out += _table(["scenario", "preprocess ms", "prefill ms / segment", "latent pass ms / segment",
+                   "decode step ms at batch b", "KV length", "vocoder ms per call + s per audio s",
+                   "vocoder calls per request", "vocoded frames per code", "tokens per code kept"], rows) + [""]
+    return out
+
+
+def _frames_per_code(works: Sequence) -> str:
+    """Vocoder frames run per code kept: 1.00 when each segment is vocoded whole; above with chunked streaming
+    (each chunk is vocoded with its context frames)."""
+    frames = sum(sum(w.vocoder_frames) for w in works)
+    codes = sum(w.codes for w in works)
+    return _f(ratio(frames, codes), 2) if frames else "n/a"
+
+
+def _batch_section(result, stem: str) -> list[str]:
+    if not result.batch:
+        return []
+    out = ["## Decoder batch over time", "",
+           "Sampled from the metrics endpoint (tts_decoder_batch_rows: rows of the last step; "
+           "tts_decoder_active_sequences: live sequences). Rows count the samples after which a step ran; busy = "
+           "share of sample intervals with at least one step; rows per step = generated tokens / steps over the "
+           "whole level (exact).", ""]
+    rows = [[f"batch {key.replace('@', ' c=')}", b.samples, f"{100 * b.busy_fraction:.0f} %" if math.isfinite(
+        b.busy_fraction) else "n/a", f"{_f(b.rows_mean, 2)} / {_f(b.rows_max, 0)}",
+             f"{_f(b.active_mean, 2)} / {_f(b.active_max, 0)}", _f(b.steps, 0), _f(b.rows_per_step, 2)]
+            for key, b in result.batch.items()]
+    out += _table(["level", "samples", "busy", "rows mean / max", "live sequences mean / max", "steps",
+                   "rows per step"], rows)
+    return out + ["", f"![decoder batch]({stem}-batch.png)", ""]
+
+
+def _cancel_section(result) -> list[str]:
+    cfg = result.config
+    if cfg.cancel_victims <= 0:
+        return []
+    out = ["## Cancellation under load", "",
+           f"{cfg.cancel_victims} streams of the long text in segments of at most {cfg.cancel_segment_tokens} text "
+           f"tokens ({'sampled: temperature 1, top_k 0, top_p 1, seed 0' if cfg.cancel_sampling else 'greedy'}), "
+           "one after another, each cancelled by the client at its first chunk while "
+           f"{cfg.cancel_concurrency - 1} other streams ({cfg.cancel_load_scenario} requests, closed loop) keep the "
+           "server busy. Latency from the client's cancel until tts_decoder_sequences_cancelled_total moves (the "
+           "decoder freed a sequence of it) and until tts_requests_cancelled_total moves (the server closed the "
+           "request), polled on the metrics endpoint. The decoder publishes its counters at the end of each scheduler "
+           "iteration, so the freed time includes the rest of the step in which the sequence was dropped; \"no live "
+           "sequence\": the decoder had already finished every sequence of the stream.", ""]
+    if result.cancel_error:
+        return out + [f"The cancellation level failed: {result.cancel_error}", ""]
+    c = result.cancel
+    if c is None:
+        return out + ["Not measured.", ""]
+    out += _table(["level", "cancelled", "not closed", "freed in decoder ms p50 / max", "closed ms p50 / max",
+                   "no live sequence", "load requests (failed)", "poll resolution ms", "victim first chunk s p50"],
+                  [[f"cancel c={c.concurrency}", c.victims, c.failed,
+                    f"{_ms(c.to_decoder_s.p50, 0)} / {_ms(c.to_decoder_s.max, 0)}",
+                    f"{_ms(c.to_closed_s.p50, 0)} / {_ms(c.to_closed_s.max, 0)}", c.without_live_sequence,
+                    f"{c.load_requests} ({c.load_failed})", _ms(c.resolution_s, 1),
+                    _f(c.first_chunk_s.p50 if c.first_chunk_s else math.nan)]])
+    errors = sorted({r.error for r in result.cancel_records if r.error})
+    return out + [""] + [f"- victim problem: {e}" for e in errors] + ([""] if errors else [])
+
+
 # -------------------------------------------------------------------------------------------------------- plots
 
 
@@ -381,6 +514,9 @@ def _plots(result, out_dir: Path, stem: str) -> list[Path]:
     fig.savefig(paths[-1], dpi=110)
     plt.close(fig)
 
+    if result.batch_series:
+        paths.append(_batch_plot(plt, result, out_dir / f"{stem}-batch.png"))
+
     if result.soak_series:
         fig, ax = plt.subplots(figsize=(7, 3.5))
         ax.plot([i for i, _ in result.soak_series], [mb for _, mb in result.soak_series], marker=".")
@@ -399,6 +535,34 @@ def _plots(result, out_dir: Path, stem: str) -> list[Path]:
     return paths
 
 
+def _batch_plot(plt, result, path: Path) -> Path:
+    """One panel per scenario: the rows of each decode step over the level's time (0 while no step ran), one line
+    per concurrency, and the live sequences dotted."""
+    scenarios = [sc.name for sc in result.config.scenarios
+                 if any(k.split("@")[0] == sc.name for k in result.batch_series)]
+    fig, axes = plt.subplots(len(scenarios), 1, figsize=(8, 2.6 * len(scenarios)), squeeze=False)
+    for ax, name in zip(axes[:, 0], scenarios):
+        keys = sorted((k for k in result.batch_series if k.split("@")[0] == name), key=lambda k: int(k.split("@")[1]))
+        for key in keys:
+            series = result.batch_series[key]
+            if not series:
+                continue
+            ts = [t for t, _, _ in series]
+            # A sample describes the interval that ends at it: steps drawn "pre".
+            line, = ax.step(ts, [r if r is not None else 0 for _, r, _ in series], where="pre", linewidth=1,
+                            label=f"c={key.split('@')[1]} rows")
+            ax.step(ts, [a for _, _, a in series], where="pre", linestyle=":", linewidth=1, color=line.get_color())
+        ax.set_title(f"{name}: decode batch rows (solid) and live sequences (dotted)", fontsize=9)
+        ax.set_xlabel("seconds since the level started")
+        ax.set_ylabel("rows")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7, ncol=3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 _INDEX_HEAD = ["# Benchmark results", "",
                "The latest serving benchmark of each preset; older reports stay beside this file, named "
                "bench-<preset>-<date>-<host>.md.", ""]
@@ -413,14 +577,25 @@ def _index_section(result, stem: str) -> list[str]:
              "```bash", str(result.machine.get("command")), "```", ""]
     lines += _table(["target", "measured", "goal", "status"],
                     ([t.key, t.measured, t.goal, _status(t.met)] for t in targets(result)))
-    lines += ["", "Single stream and 8 concurrent (our client):", ""]
+    lines += ["", "Concurrency 1 / 4 / 8 (our client; ceiling = sum of the parts alone, same run):", ""]
     rows = []
     for lv in result.levels:
-        if lv.concurrency in (1, 8):
-            rows.append([f"{lv.scenario} c={lv.concurrency}", _f(lv.ttfa_s.p50), _f(lv.latency_s.p50),
-                         _f(lv.rtf.p50), _f(lv.audio_per_wall, 2),
-                         _x(ratio(lv.rtf.p50, _ref_median(result, lv.scenario, "rtf")))])
-    lines += _table(["level", "TTFA p50 s", "latency p50 s", "RTF p50", "audio s per wall s", "RTF / engine_ref"], rows)
+        if lv.concurrency in (1, 4, 8):
+            ceil = result.ceilings.get(f"{lv.scenario}@{lv.concurrency}")
+            ceil_aw = ceil.audio_per_wall if ceil else math.nan
+            rows.append([f"{lv.scenario} c={lv.concurrency}", f"{_f(lv.ttfa_s.p50)} / {_f(lv.ttfa_s.p99)}",
+                         f"{_f(lv.latency_s.p50)} / {_f(lv.latency_s.p99)}", _f(lv.rtf.p50), _f(lv.audio_per_wall, 2),
+                         _f(ceil_aw, 2), _x(ratio(lv.audio_per_wall, ceil_aw)),
+                         _f(result.batch[f"{lv.scenario}@{lv.concurrency}"].rows_per_step, 2)
+                         if f"{lv.scenario}@{lv.concurrency}" in result.batch else "n/a"])
+    lines += _table(["level", "TTFA p50 / p99 s", "latency p50 / p99 s", "RTF p50", "audio s per wall s", "ceiling",
+                     "measured / ceiling", "decoder rows per step"], rows)
+    if result.cancel is not None:
+        cs = result.cancel
+        lines += ["", f"Cancellation at concurrency {cs.concurrency}: {cs.victims} streams cancelled at their first "
+                  f"chunk; decoder sequence freed after p50 {_ms(cs.to_decoder_s.p50, 0)} ms (max "
+                  f"{_ms(cs.to_decoder_s.max, 0)} ms), request closed after p50 {_ms(cs.to_closed_s.p50, 0)} ms (max "
+                  f"{_ms(cs.to_closed_s.max, 0)} ms); {cs.load_failed} of {cs.load_requests} load requests failed."]
     return lines + [""]
 
 

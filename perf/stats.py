@@ -20,7 +20,7 @@ import numpy as np
 __all__ = [
     "percentile", "Distribution", "RequestRecord", "LevelSummary", "summarize_level", "ratio",
     "ModelTime", "model_stats_delta", "MemoryCheck", "memory_check", "decode_floor_ms", "vocoder_floor_rtf",
-    "sequential_throughput",
+    "sequential_throughput", "BatchSummary", "batch_summary", "CancelSummary", "cancel_summary",
 ]
 
 
@@ -164,7 +164,7 @@ def _by_model(snapshot: Mapping) -> dict[str, Mapping]:
 def model_stats_delta(before: Mapping, after: Mapping) -> list[ModelTime]:
     """Per-model queue vs compute between two `get_inference_statistics(as_json=True)` snapshots.
 
-    Decoupled models (tts_bls, gpt_decoder) count their `execute` call only: their compute time is the time to
+    Decoupled models (tts, gpt_decoder) count their `execute` call only: their compute time is the time to
     enqueue, and the real work shows in the leaves they call and in the client's latency.
     """
     old = _by_model(before)
@@ -237,3 +237,74 @@ def vocoder_floor_rtf(flops_per_audio_s: float, flops_per_s: float) -> float:
     if flops_per_s <= 0:
         raise ValueError("FLOP rate must be positive")
     return flops_per_audio_s / flops_per_s
+
+
+# ---------------------------------------------------------------------------------------- decoder batch over time
+
+
+@dataclass(frozen=True)
+class BatchSummary:
+    """The decoder's batch during one level, from metrics samples (MetricsSampler).
+
+    `rows_*` count only samples after which a step ran (tts_decoder_steps_total moved since the previous sample):
+    the rows gauge keeps its last value while the decoder idles. `rows_per_step` is exact over the whole level:
+    tokens generated / steps run (one token per live sequence per step; rows = sequences under greedy decoding).
+    """
+
+    samples: int
+    busy_fraction: float  #: share of sample intervals in which at least one step ran
+    rows_mean: float
+    rows_max: float
+    active_mean: float  #: live sequences, every sample
+    active_max: float
+    steps: float
+    rows_per_step: float
+
+
+def batch_summary(samples: Sequence[tuple[float, Mapping[str, float]]]) -> BatchSummary:
+    """Summary of [(t, {metric: value})] (the first sample is the level's start)."""
+    nan = float("nan")
+    if len(samples) < 2:
+        return BatchSummary(len(samples), nan, nan, nan, nan, nan, nan, nan)
+    rows, busy, active = [], 0, []
+    for (_, prev), (_, cur) in zip(samples, samples[1:]):
+        if cur.get("tts_decoder_steps_total", 0.0) > prev.get("tts_decoder_steps_total", 0.0):
+            busy += 1
+            rows.append(cur.get("tts_decoder_batch_rows", nan))
+        active.append(cur.get("tts_decoder_active_sequences", nan))
+    first, last = samples[0][1], samples[-1][1]
+    steps = last.get("tts_decoder_steps_total", 0.0) - first.get("tts_decoder_steps_total", 0.0)
+    tokens = last.get("tts_generated_tokens_total", 0.0) - first.get("tts_generated_tokens_total", 0.0)
+    d_rows, d_active = Distribution.of(rows), Distribution.of(active)
+    return BatchSummary(len(samples), busy / (len(samples) - 1), d_rows.mean, d_rows.max, d_active.mean,
+                        d_active.max, steps, ratio(tokens, steps))
+
+
+# ------------------------------------------------------------------------------------- cancellation under load
+
+
+@dataclass(frozen=True)
+class CancelSummary:
+    concurrency: int
+    victims: int
+    failed: int  #: victims the server did not close in time (or that could not be cancelled)
+    to_decoder_s: Distribution  #: client cancel -> decoder sequence freed
+    to_closed_s: Distribution  #: client cancel -> request closed by the server
+    without_live_sequence: int  #: closed, but no decoder sequence of theirs was live at the cancel
+    load_requests: int
+    load_failed: int
+    resolution_s: float  #: median metrics scrape time while watching (how finely the times are resolved)
+    first_chunk_s: Distribution | None = None  #: the victims' send -> first chunk (their TTFA under this load)
+
+
+def cancel_summary(records: Sequence, load: Sequence, concurrency: int, poll_s: Sequence[float]) -> CancelSummary:
+    """Summary of loadgen CancelRecords and the load requests that ran beside them (loadgen Outcomes)."""
+    closed = [r for r in records if r.to_closed_s is not None]
+    return CancelSummary(
+        concurrency=concurrency, victims=len(records), failed=len(records) - len(closed),
+        to_decoder_s=Distribution.of(r.to_decoder_s for r in records),
+        to_closed_s=Distribution.of(r.to_closed_s for r in closed),
+        without_live_sequence=sum(1 for r in closed if r.to_decoder_s is None),
+        load_requests=len(load), load_failed=sum(1 for o in load if not o.record.ok),
+        resolution_s=percentile(list(poll_s), 50), first_chunk_s=Distribution.of(r.first_chunk_s for r in records),
+    )

@@ -5,13 +5,18 @@ Phases, in this order so that nothing measured shares the CPU with anything else
 2. engine_ref (PyTorch) on the same texts and voices, greedy: time to first segment, total, audio, decode and
    vocoder time — the median of `engine_ref_reps` after one warm-up call per request; then it is freed;
 3. the fp32 server: warm-up (every request once), then per scenario and concurrency a closed-loop level of our
-   async client with Triton's per-model statistics before/after; the first segment of multi-segment requests
-   alone; perf_analyzer levels (streaming, composing models); the soak with the server's resident memory;
-4. each weight-only decoder variant on its own server, single stream;
-5. the floors (decode: decoder weight bytes / measured read bandwidth; vocoder: FLOPs per audio second / measured
+   async client on `tts` with Triton's per-model statistics and our metrics before/after, and the decoder's batch
+   sampled from the metrics endpoint every `batch_sample_s`; the first segment of multi-segment requests alone;
+   perf_analyzer levels (streaming `tts`, internal models as composing models); cancellation under load (streams
+   cancelled at their first chunk beside a full load, timed to the decoder freeing the sequence and to the server
+   closing the request); the soak with the server's resident memory;
+4. the parts of one request alone (perf/parts.py) through ORT sessions on the same graphs, with no server running,
+   and from them each level's sum-of-parts ceiling;
+5. each weight-only decoder variant on its own server, single stream;
+6. the floors (decode: decoder weight bytes / measured read bandwidth; vocoder: FLOPs per audio second / measured
    GEMM rate) and the report (perf/report.py).
-Every served figure is given as a ratio to engine_ref measured in the same run; numbers from different runs are
-never combined.
+Every served figure is given as a ratio to engine_ref or to the ceiling measured in the same run; numbers from
+different runs are never combined.
 """
 
 from __future__ import annotations
@@ -91,7 +96,7 @@ class SuiteConfig:
     soak_scenario: str = "short"
     perf_analyzer: bool = True
     pa_scenario: str = "medium"
-    pa_concurrency: tuple[int, ...] = (1, 2, 4, 8)
+    pa_concurrency: tuple[int, ...] = (1, 4, 8)
     pa_request_count: int = 6
     pa_trials: int = 3
     pa_cache: Path = Path("build/tools")
@@ -101,10 +106,25 @@ class SuiteConfig:
     threads: int = 0  #: ORT intra-op threads per session in the server (0: its default) and torch threads
     spin_threads: str = "all"  #: whose ORT threads busy-wait in the server (RepoOptions.spin_threads)
     timeout_s: float = 900.0
-    #: tritonserver arguments. The Python backend's shared-memory pool starts at 1 MiB by default; under 8
-    #: concurrent tts_bls requests tritonserver 2.51 died with SIGSEGV in libtriton_python.so in our runs, which a
-    #: 128 MiB initial pool avoided at concurrency 8 (not always at 16). The report lists the arguments used.
-    server_args: tuple[str, ...] = ("--backend-config=python,shm-default-byte-size=134217728",)
+    #: extra tritonserver arguments (the report lists them). None by default: the 128 MiB Python-backend
+    #: shared-memory pool the old BLS path needed against SIGSEGVs at concurrency 8 is not needed by the
+    #: concurrent path (tiny preset, every scenario at concurrency 8 and 16, three rounds: no crash, no failure).
+    server_args: tuple[str, ...] = ()
+    batch_sample_s: float = 0.05  #: how often the decoder's batch gauges are scraped during a level
+    parts: bool = True  #: time the parts of one request alone and derive each level's ceiling
+    parts_reps: int = 5
+    parts_warmup: int = 1
+    cancel_victims: int = 6  #: streams cancelled at their first chunk (0: no cancellation level)
+    cancel_concurrency: int = 8  #: streams in flight, the victim's included
+    #: what the other streams send meanwhile: single-segment requests, so that the decoder's slots are not all
+    #: taken by other requests' look-ahead segments and the victim is admitted at once
+    cancel_load_scenario: str = "medium"
+    #: the victim: the long text in short segments, sampled (temperature 1, top_k 0, top_p 1, seeded): on the random
+    #: tiny weights its segments then run 80-180 codes instead of ~40 greedy, so the decoder still holds sequences
+    #: of it when its first chunk arrives (greedy, the decoder had finished them: nothing left to free)
+    cancel_segment_tokens: int = 24
+    cancel_sampling: bool = True
+    cancel_watch_s: float = 10.0
     command: str = ""
     notes: tuple[str, ...] = ()
 
@@ -138,17 +158,18 @@ def suite_config(preset: str = "tiny", **overrides) -> SuiteConfig:
     else:
         base = SuiteConfig(
             preset=preset, work_dir=Path(f"build/bench/{preset}"),
-            scenarios=(Scenario("short", texts["short"][:1], (1, 8), per_stream=1, min_requests=1),
-                       Scenario("medium", texts["medium"][:1], (1,), per_stream=1, min_requests=1),
+            scenarios=(Scenario("short", texts["short"][:1], (1, 4, 8), per_stream=1, min_requests=1),
+                       Scenario("medium", texts["medium"][:1], (1, 4, 8), per_stream=1, min_requests=1),
                        Scenario("long", texts["long"], (1,), per_stream=1, min_requests=1)),
             voices=(3.0,), engine_ref_reps=1, engine_ref_warmup_each=False, first_segment_reps=1,
             soak_requests=12, soak_concurrency=4, soak_warmup=4,
             pa_scenario="short", pa_concurrency=(1,), pa_request_count=1, pa_trials=3, verify_export=False,
-            notes=("reduced configuration for a 2-core CPU (one v1.5 request takes ~30 s served, ~45 s in "
-                   "engine_ref): one text and one voice per scenario, one measured request per level (8 at "
-                   "concurrency 8), engine_ref once per request after one warm-up call, perf_analyzer 3 windows x 1 "
-                   "request at concurrency 1, soak of 12 requests at concurrency 4 (the 100-request soak runs on "
-                   "the tiny preset)",),
+            parts_reps=3, cancel_victims=2, cancel_concurrency=4, cancel_load_scenario="short",
+            notes=("reduced configuration for a 2-core CPU (one v1.5 request takes ~13 s served, ~30 s in "
+                   "engine_ref): one text and one voice per scenario, one measured request per level (c at "
+                   "concurrency c), long texts single-stream, engine_ref once per request after one warm-up call, "
+                   "perf_analyzer 3 windows x 1 request at concurrency 1, 2 cancellations at concurrency 4, soak of "
+                   "12 requests at concurrency 4 (the 100-request soak runs on the tiny preset)",),
         )
     return replace(base, **overrides)
 
@@ -211,6 +232,17 @@ class SuiteResult:
     variants: list[VariantRun] = field(default_factory=list)
     floors: dict = field(default_factory=dict)
     served_tokens: dict = field(default_factory=dict)  #: "scenario@1" -> effective ms per generated token
+    level_tokens: dict = field(default_factory=dict)  #: "scenario@c" -> tokens the decoder generated in the level
+    batch: dict = field(default_factory=dict)  #: "scenario@c" -> BatchSummary
+    batch_series: dict = field(default_factory=dict)  #: "scenario@c" -> [(s since start, rows or None, active)]
+    work: dict = field(default_factory=dict)  #: scenario -> [RequestWork] (per text, from the warm-up)
+    parts: dict = field(default_factory=dict)  #: scenario -> ScenarioParts
+    ceilings: dict = field(default_factory=dict)  #: "scenario@c" -> Ceiling
+    parts_error: str | None = None
+    cancel: object | None = None  #: CancelSummary
+    cancel_records: list = field(default_factory=list)  #: CancelRecord per victim
+    cancel_error: str | None = None
+    scrape_s: list = field(default_factory=list)  #: how long each metrics scrape of the levels took
     notes: list[str] = field(default_factory=list)
     timings: dict = field(default_factory=dict)  #: phase -> seconds
 
@@ -225,7 +257,7 @@ def _say(msg: str) -> float:
 
 def _voices(cfg: SuiteConfig) -> dict[str, bytes]:
     from engine_ref.audio import wav_bytes
-    from engine_ref.presets import demo_voice
+    from engine_ref.indextts.presets import demo_voice
 
     return {f"voice{i}-{sec:g}s": wav_bytes(demo_voice(seconds=sec, seed=i), 24000) for i, sec in enumerate(cfg.voices)}
 
@@ -248,7 +280,7 @@ def _items(cfg: SuiteConfig, voices: dict[str, bytes]):
 
 
 def ensure_model(cfg: SuiteConfig) -> Path:
-    from engine_ref.presets import write_preset
+    from engine_ref.indextts.presets import write_preset
 
     model_dir = cfg.resolved_model_dir()
     if not (model_dir / "config.yaml").is_file():
@@ -285,7 +317,7 @@ def run_engine_ref(cfg: SuiteConfig, model_dir: Path, items: dict, voices: dict[
     import torch
 
     from engine_ref.sampling import GenerationParams
-    from engine_ref.synthesizer import Synthesizer, Timings
+    from engine_ref.indextts.synthesizer import Synthesizer, Timings
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -396,34 +428,17 @@ class Served:
 
 def _reap_stubs(repo: Path) -> None:
     """Python-backend stubs of this repository orphaned by a crashed server keep running (and holding memory):
-    end them by pid."""
-    import os
-    import signal
+    end them."""
+    import psutil
 
     marker = str(Path(repo).resolve())
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            cmd = (entry / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if cmd and cmd[0].endswith(b"triton_python_backend_stub") and any(marker.encode() in a for a in cmd[1:2]):
+    for p in psutil.process_iter(["cmdline"]):
+        cmd = p.info["cmdline"] or []
+        if cmd and cmd[0].endswith("triton_python_backend_stub") and any(marker in a for a in cmd[1:2]):
             try:
-                os.kill(int(entry.name), signal.SIGKILL)
-            except OSError:
+                p.kill()
+            except psutil.Error:
                 pass
-
-
-def _token_total(server) -> float:
-    import urllib.request
-
-    try:
-        text = urllib.request.urlopen(server.metrics_url, timeout=10).read().decode()
-    except OSError:
-        return float("nan")
-    return sum(float(ln.rsplit(" ", 1)[1]) for ln in text.splitlines()
-               if ln.startswith("tts_generated_tokens_total{"))
 
 
 def _stats(served: Served) -> dict:
@@ -437,27 +452,55 @@ def _stats(served: Served) -> dict:
 
 def _levels(cfg: SuiteConfig, served: Served, items: dict, result: SuiteResult, single_stream: bool = False,
             label: str = "fp32") -> list:
-    from perf.loadgen import LoadTarget, run_level
-    from perf.stats import model_stats_delta, summarize_level
+    from perf.loadgen import LoadTarget, MetricsSampler, run_level
+    from perf.stats import batch_summary, model_stats_delta, summarize_level
 
     out = []
     for sc in cfg.scenarios:
         for conc in ((1,) if single_stream else sc.concurrency):
             count = sc.requests_at(conc)
             target = LoadTarget(served.server.grpc_url, timeout_s=cfg.timeout_s)
-            before, tokens0 = _stats(served), _token_total(served.server)
-            outcomes = run_level(target, items[sc.name], conc, count)
-            after, tokens1 = _stats(served), _token_total(served.server)
+            before = _stats(served)
+            sampler = MetricsSampler(served.server.metrics_url, cfg.batch_sample_s)
+            if single_stream:  # the variants' single stream: only the token counter, at both ends
+                sampler.sample()
+                outcomes = run_level(target, items[sc.name], conc, count)
+                sampler.sample()
+            else:
+                with sampler:
+                    outcomes = run_level(target, items[sc.name], conc, count)
+            after = _stats(served)
             level = summarize_level([o.record for o in outcomes], sc.name, conc)
             out.append(level)
+            key = f"{sc.name}@{conc}"
+            samples = sampler.samples
+            tokens = (samples[-1][1].get("tts_generated_tokens_total", 0.0)
+                      - samples[0][1].get("tts_generated_tokens_total", 0.0)) if len(samples) >= 2 else math.nan
             if not single_stream:
-                result.model_times[f"{sc.name}@{conc}"] = model_stats_delta(before, after)
-                if conc == 1 and tokens1 > tokens0:
-                    result.served_tokens[f"{sc.name}@1"] = 1e3 * level.wall_s / (tokens1 - tokens0)
+                result.model_times[key] = model_stats_delta(before, after)
+                result.level_tokens[key] = tokens
+                result.batch[key] = batch_summary(samples)
+                result.batch_series[key] = _series(samples)
+                result.scrape_s += sampler.scrape_s
+                if conc == 1 and tokens > 0:
+                    result.served_tokens[f"{sc.name}@1"] = 1e3 * level.wall_s / tokens
+            b = result.batch.get(key) if not single_stream else None
             print(f"    {label} {sc.name} c={conc}: {level.requests} req, TTFA p50 {level.ttfa_s.p50:.3f} s, latency "
                   f"p50 {level.latency_s.p50:.3f} s, RTF p50 {level.rtf.p50:.3f}, {level.audio_per_wall:.2f} audio s/s"
+                  + (f", decoder rows/step {b.rows_per_step:.2f} (max {b.rows_max:g})" if b else "")
                   + (f", {level.failed} failed: {level.errors[0][:120]}" if level.failed else ""), file=sys.stderr)
             served.check(f"{label} level {sc.name} c={conc}", suspect=level.failed > 0)
+    return out
+
+
+def _series(samples: list) -> list[tuple[float, float | None, float]]:
+    """(seconds since the level started, rows of the step that ran since the previous sample or None when none
+    ran, live sequences) per sample."""
+    out = []
+    for (_, prev), (t, cur) in zip(samples, samples[1:]):
+        stepped = cur.get("tts_decoder_steps_total", 0.0) > prev.get("tts_decoder_steps_total", 0.0)
+        out.append((round(t, 4), cur.get("tts_decoder_batch_rows") if stepped else None,
+                    cur.get("tts_decoder_active_sequences", math.nan)))
     return out
 
 
@@ -479,7 +522,7 @@ def _first_segments(cfg: SuiteConfig, served: Served, items: dict) -> list[First
             alone_runs = run_requests(target, [alone] * cfg.first_segment_reps)
             ttfa = statistics.median(o.record.first_audio_s or math.nan for o in full_runs)
             alone_s = statistics.median(o.record.total_s if o.record.ok else math.nan for o in alone_runs)
-            same = bool(alone_runs[0].codes) and alone_runs[0].codes[0] == outcome.codes[0]
+            same = bool(alone_runs[0].segment_codes) and alone_runs[0].segment_codes[0] == outcome.segment_codes[0]
             out.append(FirstSegment(name, i, ttfa, alone_s, same))
             print(f"    {name}[{i}]: TTFA {ttfa:.3f} s vs first segment alone {alone_s:.3f} s", file=sys.stderr)
             served.check(f"first-segment check {name}[{i}]",
@@ -498,13 +541,10 @@ def _perf_analyzer(cfg: SuiteConfig, served: Served, items: dict, stem_dir: Path
     stem_dir.mkdir(parents=True, exist_ok=True)
     data = stem_dir / "input_data.json"
     data.write_text(json.dumps(input_data([it.request.arrays() for it in items[scenario]])))
-    composing = []
-    for model in (c.PREPROCESS, c.COND_ENCODER, c.DECODER, c.VOCODER):
-        versions = sorted(int(p.name) for p in (served.repo / model).iterdir() if p.name.isdigit())
-        composing.append(f"{model}:{versions[-1]}")
+    composing = [f"{model}:{version}" for model, version in _loaded_versions(served).items()]
     settings = PaSettings(cfg.pa_request_count, cfg.pa_trials, timeout_s=cfg.timeout_s)
     for conc in cfg.pa_concurrency:
-        res = run_perf_analyzer(pa, url=served.server.grpc_url, model=c.BLS_STREAM, input_json=data,
+        res = run_perf_analyzer(pa, url=served.server.grpc_url, model=c.STREAM_MODEL, input_json=data,
                                 concurrency=conc, out_dir=stem_dir, composing=composing, settings=settings)
         result.pa.append(res)
         if not served.check(f"perf_analyzer c={conc}", suspect=res.error is not None) and not res.error:
@@ -514,6 +554,129 @@ def _perf_analyzer(cfg: SuiteConfig, served: Served, items: dict, stem_dir: Path
         else:
             print(f"    perf_analyzer c={conc}: {res.row.get('Inferences/Second', math.nan):.2f} infer/s, first "
                   f"response p50 {res.row.get('p50 latency', math.nan) / 1e3:.0f} ms", file=sys.stderr)
+
+
+def _loaded_versions(served: Served) -> dict[str, str]:
+    """The internal models and their ready versions, as perf_analyzer's --bls-composing-models wants them.
+    From the server's repository index (a restricted API: TritonServer.model_states sends the admin header);
+    the repository on disk when the index does not answer."""
+    from model_repository import contract as c
+
+    internal = (c.PREPROCESS, c.COND_ENCODER, c.DECODER, c.VOCODER)
+    ready = {m.get("name"): str(m.get("version", "")) for m in served.server.model_states()
+             if m.get("state") == "READY" and m.get("version")}
+    out = {}
+    for model in internal:
+        if ready.get(model):
+            out[model] = ready[model]
+        else:
+            versions = sorted(int(p.name) for p in (served.repo / model).iterdir() if p.name.isdigit())
+            out[model] = str(versions[-1])
+    return out
+
+
+def _cancellation(cfg: SuiteConfig, served: Served, items: dict, voices: dict[str, bytes],
+                  result: SuiteResult) -> None:
+    """Streams cancelled at their first chunk while `cancel_concurrency - 1` others keep the server busy."""
+    from client.request import GenerationOverrides, TTSRequest
+    from perf.loadgen import LoadRequest, LoadTarget, run_cancel_level
+    from perf.stats import cancel_summary
+
+    load = items.get(cfg.cancel_load_scenario) or next(iter(items.values()))
+    voice = next(iter(voices))
+    params = (GenerationOverrides(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, num_beams=1, seed=0)
+              if cfg.cancel_sampling else GenerationOverrides(do_sample=False, num_beams=1, seed=0))
+    victim = LoadRequest("cancel", TTSRequest.build(LONG_TEXT, voices[voice], params=params,
+                                                    max_text_tokens_per_segment=cfg.cancel_segment_tokens), voice)
+    target = LoadTarget(served.server.grpc_url, timeout_s=cfg.timeout_s)
+    run = run_cancel_level(target, load, victim, cfg.cancel_concurrency, cfg.cancel_victims,
+                           served.server.metrics_url, cfg.cancel_watch_s)
+    result.cancel_records = run.records
+    result.cancel = s = cancel_summary(run.records, run.load, cfg.cancel_concurrency, run.poll_s)
+    served.check("cancellation level", suspect=s.failed > 0 or s.load_failed > 0)
+    print(f"    cancel at c={cfg.cancel_concurrency}: {s.victims} victims, freed in the decoder p50 "
+          f"{s.to_decoder_s.p50 * 1e3:.0f} ms (max {s.to_decoder_s.max * 1e3:.0f}), closed p50 "
+          f"{s.to_closed_s.p50 * 1e3:.0f} ms (max {s.to_closed_s.max * 1e3:.0f}); {s.failed} not closed, "
+          f"{s.load_failed}/{s.load_requests} load requests failed", file=sys.stderr)
+
+
+def _request_work(timer, sc_name: str, index: int, text: str, outcome, max_tokens: int,
+                  notes: list[str]):
+    """One request as the server decoded it (its warm-up outcome): segments, codes, audio, vocoder calls."""
+    from perf.parts import RequestWork, SegmentWork, vocoded_frames
+
+    ids = timer.segment_ids(text, max_tokens)
+    codes = list(outcome.segment_codes)
+    if len(ids) != len(codes):
+        notes.append(f"parts: {sc_name}[{index}] has {len(ids)} segments here, {len(codes)} served; matched in order")
+    frames_s = timer.samples_per_latent / timer.sample_rate
+    scale = outcome.record.audio_s / max(1e-9, sum(codes) * frames_s)  # segment audio from its codes
+    segs = tuple(SegmentWork(len(ids[min(k, len(ids) - 1)]), n, n * frames_s * scale) for k, n in enumerate(codes))
+    left, right = timer.vocoder_context
+    calls = tuple(vocoded_frames(ch.start, ch.start + ch.codes, ch.available, left, right)
+                  for ch in outcome.chunks if ch.codes > 0)
+    return RequestWork(sc_name, index, segs, calls), ids
+
+
+def _parts(cfg: SuiteConfig, export_dir: Path, served: Served, items: dict, result: SuiteResult) -> None:
+    """Every scenario's requests as the server decoded them (warm-up outcomes), their parts timed alone, and
+    each measured level's ceiling (perf/parts.py)."""
+    from model_repository.builder import RepoOptions
+    from perf.parts import PartsTimer, ScenarioParts, ceiling
+
+    repo_opts = RepoOptions()
+    max_tokens = repo_opts.max_text_tokens_per_segment
+    timer = PartsTimer(export_dir, cfg.threads or None, spin_decoder=cfg.spin_threads != "none",
+                       spin_leaves=cfg.spin_threads == "all", reps=cfg.parts_reps, warmup=cfg.parts_warmup)
+    works: dict[str, list] = {}
+    ids: dict[tuple[str, int], list] = {}
+    for sc in cfg.scenarios:
+        for i, item in enumerate(items[sc.name]):
+            outcome = served.warm.get((sc.name, i))
+            if outcome is not None and outcome.record.ok and outcome.segment_codes:
+                work, ids[(sc.name, i)] = _request_work(timer, sc.name, i, item.request.text, outcome, max_tokens,
+                                                        result.notes)
+                works.setdefault(sc.name, []).append(work)
+    if not works:
+        raise InputError("no warm-up request produced audio", "see the server log")
+    fixed, per_frame = timer.vocoder_fit([f for ws in works.values() for w in ws for f in w.vocoder_frames])
+    frames_per_audio_s = timer.sample_rate / timer.samples_per_latent
+    for sc in cfg.scenarios:
+        if sc.name not in works:
+            continue
+        ws = works[sc.name]
+        parts = ScenarioParts(sc.name, vocoder_fixed_s=fixed, vocoder_s_per_frame=per_frame,
+                              vocoder_s_per_audio_s=per_frame * frames_per_audio_s)
+        pasts = []
+        for w in ws:
+            text = items[sc.name][w.text_index].request.text
+            seg_ids = ids[(sc.name, w.text_index)]
+            parts.preprocess_s[w.text_index] = timer.preprocess(text, max_tokens)
+            pl = [timer.prefill_and_latents(seg_ids[min(k, len(seg_ids) - 1)], seg.codes)
+                  for k, seg in enumerate(w.segments)]
+            parts.prefill_s[w.text_index] = [p for p, _ in pl]
+            parts.latents_s[w.text_index] = [lat for _, lat in pl]
+            pasts += [timer.decoder.cond_rows + seg.text_ids + 2 + seg.codes // 2 for seg in w.segments]
+        result.work[sc.name] = ws
+        c1 = min(sc.concurrency)
+        lv1 = next((lv for lv in result.levels if lv.scenario == sc.name and lv.concurrency == c1), None)
+        if lv1 is not None and result.level_tokens.get(f"{sc.name}@{c1}", 0) > 0:
+            codes = sum(ws[k % len(ws)].codes for k in range(lv1.requests))
+            parts.tokens_per_code = result.level_tokens[f"{sc.name}@{c1}"] / max(1, codes)
+        segs = max(1, round(statistics.median(len(w.segments) for w in ws)))
+        batches = sorted({min(cfg.max_sequences, c * min(segs, repo_opts.segments_in_flight)) for c in sc.concurrency})
+        parts.step_past = int(round(statistics.mean(pasts)))
+        parts.step_s = timer.steps(batches, parts.step_past)
+        result.parts[sc.name] = parts
+        for lv in result.levels:
+            if lv.scenario != sc.name:
+                continue
+            reqs = [ws[k % len(ws)] for k in range(lv.requests)]
+            ceil = ceiling(reqs, parts, lv.concurrency, cfg.max_sequences, repo_opts.segments_in_flight)
+            result.ceilings[f"{sc.name}@{lv.concurrency}"] = ceil
+            print(f"    ceiling {sc.name} c={lv.concurrency}: {ceil.audio_per_wall:.2f} audio s/s (batch {ceil.batch}; "
+                  f"serial parts {ceil.serial_s:.3f} s + decode {ceil.decode_s:.3f} s for {ceil.audio_s:.2f} s); "
+                  f"measured {lv.audio_per_wall:.2f}", file=sys.stderr)
 
 
 def _soak(cfg: SuiteConfig, served: Served, items: dict, result: SuiteResult) -> None:
@@ -620,9 +783,26 @@ def run_suite(cfg: SuiteConfig, stem: str | None = None) -> tuple[SuiteResult, P
                 result.pa_error = str(exc)
                 print(f"    perf_analyzer failed: {exc}", file=sys.stderr)
             phase["perf_analyzer_s"] = time.perf_counter() - t
+        if cfg.cancel_victims > 0:
+            t = _say(f"cancellation under load: {cfg.cancel_victims} streams cancelled at their first chunk, "
+                     f"concurrency {cfg.cancel_concurrency}")
+            try:
+                _cancellation(cfg, served, items, voices, result)
+            except Exception as exc:
+                result.cancel_error = str(exc)
+                print(f"    cancellation level failed: {exc}", file=sys.stderr)
+            phase["cancel_s"] = time.perf_counter() - t
         t = _say(f"soak: {cfg.soak_requests} requests at concurrency {cfg.soak_concurrency}")
         _soak(cfg, served, items, result)
         phase["soak_s"] = time.perf_counter() - t
+    if cfg.parts:
+        t = _say("parts of one request alone (ORT sessions on the same graphs, no server) and the ceilings")
+        try:
+            _parts(cfg, export_dir, served, items, result)
+        except Exception as exc:
+            result.parts_error = str(exc)
+            print(f"    parts failed: {exc}", file=sys.stderr)
+        phase["parts_s"] = time.perf_counter() - t
     for precision in cfg.variants:
         t = _say(f"tritonserver, {precision} decoder, single stream")
         try:

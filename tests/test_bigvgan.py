@@ -11,7 +11,7 @@ import scipy.signal
 import torch
 from torch import nn
 
-from engine_ref.config import BigVGANConfig
+from engine_ref.modules.configs import BigVGANConfig
 from engine_ref.errors import CheckpointError, ConfigError, InputError
 from engine_ref.layout import materialize
 from engine_ref.layout.bigvgan import bigvgan_layout

@@ -395,7 +395,7 @@ def test_stream_yields_segments_and_sends_only_set_inputs(grpc_fake):
     assert all(ch.segment_count == 3 and ch.sample_rate == SR and ch.speaker_id == "spk-1" for ch in chunks)
     assert np.array_equal(chunks[1].pcm16, outputs(1, 3, 2400, False)[c.AUDIO.name])
     (got,) = fake.received
-    assert got.model == c.BLS_STREAM and got.request_id == "rid-1"
+    assert got.model == c.STREAM_MODEL and got.request_id == "rid-1"
     assert got.parameters.get("triton_enable_empty_final_response") is True
     assert sorted(got.inputs) == ["MAX_TEXT_TOKENS_PER_SEGMENT", "REFERENCE_AUDIO", "TEXT", "TOP_K"]
     assert got.inputs["REFERENCE_AUDIO"][0] == VOICE and got.inputs["TOP_K"].dtype == np.int32
@@ -411,10 +411,10 @@ def test_stream_client_is_reused_after_a_clean_finish(grpc_fake):
     with _client(url) as client:
         assert len(list(client.synthesize_stream("One.", speaker_id="spk-1"))) == 1
         assert len(client._grpc.idle) == 1
-        result = client.synthesize_stream("Two.", speaker_id="spk-1", model=c.ENSEMBLE_STREAM).collect()
+        result = client.synthesize_stream("Two.", speaker_id="spk-1", model=c.STREAM_MODEL).collect()
         assert len(client._grpc.idle) == 1
     assert result.segment_count == 1 and result.speaker_id == "spk-1" and result.pcm16.shape == (2400,)
-    assert [r.model for r in fake.received] == [c.BLS_STREAM, c.ENSEMBLE_STREAM]
+    assert [r.model for r in fake.received] == [c.STREAM_MODEL, c.STREAM_MODEL]
     assert fake.received[1].inputs["SPEAKER_ID"][0] == b"spk-1"
 
 
@@ -512,7 +512,7 @@ def test_http_synthesize_returns_the_whole_utterance(http_fake):
     with _client(http_url=url) as client:
         result = client.synthesize("Hello world.", VOICE, params={"seed": 5, "do_sample": False})
     (got,) = fake.received
-    assert got.model == c.ENSEMBLE_OFFLINE
+    assert got.model == c.OFFLINE_MODEL
     assert sorted(got.inputs) == ["DO_SAMPLE", "REFERENCE_AUDIO", "SEED", "TEXT"]
     assert got.inputs["REFERENCE_AUDIO"][0] == VOICE and got.inputs["SEED"].dtype == np.int64
     assert result.pcm16.shape == (4800,) and result.sample_rate == SR and result.segment_count == 2
@@ -683,3 +683,23 @@ def test_cli_no_stream_and_failures_leave_no_file(http_fake, grpc_fake, tmp_path
     args = _parser().parse_args(["client", "synth", "--text", "Hi.", "--speaker-id", "s", "--out", "x.aac"])
     with pytest.raises(InputError, match="cannot write .aac"):
         args.func(args)
+
+
+def test_controls_become_the_contract_inputs_and_bad_ones_are_named():
+    from client.request import Controls
+
+    req = TTSRequest.build("Hi there.", b"RIFF", controls=Controls(
+        chunk_first_codes=0, emo_vector=(0, 0, 0.8, 0, 0, 0, 0, 0), emo_text="calm", emo_random=True,
+        interval_silence_ms=150))
+    arrays = req.arrays()
+    assert arrays[c.EMO_VECTOR.name].shape == (8,) and arrays[c.EMO_VECTOR.name].dtype == np.float32
+    assert float(arrays[c.EMO_VECTOR.name][2]) == pytest.approx(0.8)
+    assert arrays[c.EMO_TEXT.name][0] == b"calm" and bool(arrays[c.EMO_RANDOM.name][0])
+    assert int(arrays[c.CHUNK_FIRST_CODES.name][0]) == 0 and int(arrays[c.INTERVAL_SILENCE_MS.name][0]) == 150
+    assert c.EMO_ALPHA.name not in arrays and c.EMOTION_AUDIO.name not in arrays  # unset stays the server's
+    with pytest.raises(InputError, match="emo_vector has 3 weights"):
+        Controls(emo_vector=(1.0, 0.0, 0.0))
+    with pytest.raises(InputError, match="chunk_first_codes"):
+        Controls(chunk_first_codes=-1)
+    with pytest.raises(InputError, match="emo_text"):
+        Controls(emo_text="  ")

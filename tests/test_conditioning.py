@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from engine_ref.config import ConditionModuleConfig, GPTConfig
+from engine_ref.modules.configs import ConditionModuleConfig, GPTConfig
 from engine_ref.errors import ConfigError, InputError
 from engine_ref.layout import materialize
 from engine_ref.layout.conditioning import conditioning_layout

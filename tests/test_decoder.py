@@ -11,7 +11,7 @@ from engine_ref.generate import build_prefix, decode_sampling, latent_pass, remo
 from engine_ref.layout import materialize
 from engine_ref.layout.gpt import gpt_layout
 from engine_ref.modules.unified_voice import UnifiedVoice
-from engine_ref.presets import PRESETS
+from engine_ref.indextts.presets import PRESETS
 from engine_ref.sampling import GenerationParams, RowParams, apply_top_k, apply_top_p, initial_seen, process
 
 CFG = PRESETS["tiny"].config.gpt

@@ -438,7 +438,7 @@ def test_entrypoint_cpu_sequence(tmp_path):
     assert all(argv[:3] == CLI for argv, _ in runner.calls)
     serve, serve_env = runner.execed
     assert serve == [*CLI, "serve", "--repo", f"{run}/repo", "--http-port", "9000", "--grpc-port", "8001",
-                     "--metrics-port", "8002", "--exec"]
+                     "--metrics-port", "8002", "--bind", "0.0.0.0"]
     # Offline for every step, even against the caller's HF_HUB_OFFLINE=0, since ALLOW_DOWNLOAD is not 1.
     assert all(e["HF_HUB_OFFLINE"] == "1" for _, e in [*runner.calls, runner.execed])
     assert serve_env["PATH"] == "/usr/bin"

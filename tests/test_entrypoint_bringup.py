@@ -48,7 +48,7 @@ def test_cpu_entrypoint_brings_the_server_up(tiny_model_dir, tiny_export_dir, vo
             t = httpclient.InferInput(field.name, [1], field.client_type)
             t.set_data_from_numpy(arr)
             inputs.append(t)
-        result = client.infer(c.ENSEMBLE_OFFLINE, inputs)
+        result = client.infer(c.OFFLINE_MODEL, inputs)
         assert result.as_numpy(c.AUDIO.name).size > 24000
         assert b"up to date" in (tmp_path / "entrypoint.log").read_bytes()  # the warm export was reused
     finally:

@@ -13,9 +13,9 @@ import pytest
 import torch
 
 from engine_ref.errors import ModelFilesError
-from engine_ref.loader import LoadedModel, load_model
+from engine_ref.indextts.loader import LoadedModel, load_model
 from engine_ref.mel import LogMelSpectrogram
-from engine_ref.presets import demo_voice
+from engine_ref.indextts.presets import demo_voice
 from export import cond_encoder, vocoder
 from export.common import FP32_TOLERANCE, ExportOptions, ParityError, session
 from export.manifest import (

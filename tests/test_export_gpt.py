@@ -11,7 +11,7 @@ import torch
 
 from engine_ref.errors import ModelFilesError
 from engine_ref.generate import decode_sampling, latent_pass
-from engine_ref.loader import load_model
+from engine_ref.indextts.loader import load_model
 from engine_ref.sampling import GenerationParams
 from export.common import ExportOptions
 from export.gpt import greedy_parity

@@ -15,7 +15,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from engine_ref.errors import InputError
 from engine_ref.generate import build_prefix
-from engine_ref.loader import load_model
+from engine_ref.indextts.loader import load_model
 from export import precision
 from export.common import FP16_TOLERANCE, ExportOptions, ParityError, session
 from export.manifest import component_digest, read_manifest
@@ -303,3 +303,17 @@ def test_bench_rejects_bad_arguments(capsys):
     with pytest.raises(SystemExit):
         bench.parse_args(["--batches", "1,x"])
     assert bench.main(["--reps", "0", "--model-dir", "/nonexistent"]) == 2
+
+
+def test_an_export_with_more_precisions_is_up_to_date_for_fewer():
+    """Asking for fp32 alone after an fp32+int4 export reuses it (re-exporting would delete the int4 graph)."""
+    from export.pipeline import _covers
+
+    opts = {"verify": True}
+    done = {"components": ["gpt"], "precisions": ["fp32", "int4"], "options": opts}
+    assert _covers(done, {"components": ["gpt"], "precisions": ["fp32"], "options": opts})
+    assert _covers(done, {"components": ["gpt"], "precisions": ["int4", "fp32"], "options": opts})
+    assert not _covers(done, {"components": ["gpt"], "precisions": ["fp32", "int8"], "options": opts})
+    assert not _covers(done, {"components": ["gpt", "vocoder"], "precisions": ["fp32"], "options": opts})
+    assert not _covers(done, {"components": ["gpt"], "precisions": ["fp32"], "options": {"verify": False}})
+    assert not _covers(None, {"components": ["gpt"], "precisions": ["fp32"], "options": opts})

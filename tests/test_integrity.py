@@ -26,7 +26,8 @@ import yaml
 
 from engine_ref.errors import ModelFilesError
 from engine_ref.integrity import IntegrityReport, check_model_dir, human_size, render_report
-from engine_ref.resolve import download_model, hub_cache, parse_repo_ref, repo_of_cache_path, resolve_model
+from engine_ref.download import download_model
+from engine_ref.hub_cache import hub_cache, parse_repo_ref, repo_of_cache_path, resolve_model
 
 Files = dict[str, bytes]
 MP = pytest.MonkeyPatch

@@ -13,14 +13,14 @@ import soundfile as sf
 import torch
 import yaml
 
-from engine_ref.config import load_config
+from engine_ref.indextts.config import load_config
 from engine_ref.errors import CheckpointError, ModelFilesError
 from engine_ref.layout.gpt import gpt_layout
-from engine_ref.loader import load_model
+from engine_ref.indextts.loader import load_model
 from engine_ref.modules.unified_voice import UnifiedVoice
-from engine_ref.presets import PRESETS
+from engine_ref.indextts.presets import PRESETS
 from engine_ref.sampling import GenerationParams
-from engine_ref.synthesizer import Synthesizer
+from engine_ref.indextts.synthesizer import Synthesizer
 from triton_tts.cli import main as cli
 
 TEXT = "Hello world. This is a test of the tiny model, with numbers like 42! Does it work? Yes, it does."
@@ -72,7 +72,7 @@ def test_tiny_preset_loads_strictly_and_is_official_format(tiny_model_dir):
 
 
 def test_preset_is_deterministic(tmp_path, tiny_model_dir):
-    from engine_ref.presets import write_preset
+    from engine_ref.indextts.presets import write_preset
 
     again = write_preset("tiny", tmp_path / "again")
     for name in ("gpt.pth", "bigvgan_generator.pth", "bpe.model"):

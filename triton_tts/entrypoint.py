@@ -4,7 +4,7 @@ Pods must start fast, never hang on a network they do not have, and fail with on
 So every start runs the same short pipeline, each step a `triton-tts` subcommand (never re-implemented here):
 
     [download (ALLOW_DOWNLOAD=1 only)] -> verify -> export (no-op when fresh) -> build-plans (gpu, only when the
-    plan cache is absent or stale) -> build-repo (into RUN_DIR) -> exec serve (tritonserver replaces this process)
+    plan cache is absent or stale) -> build-repo (into RUN_DIR) -> exec serve (which runs and watches tritonserver)
 
 Settings come from environment variables (defaults in `ENV_DEFAULTS`, documented in docs/deploy.md). Every step
 but an explicit download runs with HF_HUB_OFFLINE=1. Steps that write the shared cache hold a file lock, so pods
@@ -430,11 +430,13 @@ class Entrypoint:
 
     def serve_args(self) -> tuple[str, ...]:
         s = self.settings
+        # Every interface: the pod's ports are reached through its Service. No --exec: `serve` stays as the
+        # supervisor that stops the server (and so the container) when a model process dies.
         return ("serve", "--repo", str(s.repo_dir), "--http-port", str(s.http_port), "--grpc-port",
-                str(s.grpc_port), "--metrics-port", str(s.metrics_port), "--exec")
+                str(s.grpc_port), "--metrics-port", str(s.metrics_port), "--bind", "0.0.0.0")
 
     def run(self) -> int:
-        """prepare(), then replace this process by `triton-tts serve --exec` (which execs tritonserver)."""
+        """prepare(), then replace this process by `triton-tts serve` (which supervises tritonserver)."""
         serve = self.prepare()
         log.info("starting: %s", shlex.join(serve))
         return self.runner.exec(serve, self.child_env())

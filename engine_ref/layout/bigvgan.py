@@ -22,7 +22,7 @@ from functools import partial
 
 import torch
 
-from engine_ref.config import BigVGANConfig
+from engine_ref.modules.configs import BigVGANConfig
 from engine_ref.layout import Layout, TensorSpec
 from engine_ref.modules.alias_free import FILTER_TAPS, RESAMPLE_RATIO, kaiser_sinc_filter
 

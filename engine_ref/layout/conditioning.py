@@ -13,7 +13,7 @@ import math
 
 import torch
 
-from engine_ref.config import GPTConfig
+from engine_ref.modules.configs import ConditionModuleConfig, GPTConfig
 from engine_ref.layout import Layout, TensorSpec
 
 MEL_BINS = 100
@@ -51,12 +51,16 @@ def _layer_norm(out: Layout, name: str, dim: int) -> None:
 
 def conformer_layout(cfg: GPTConfig, prefix: str = "conditioning_encoder.", mel_bins: int = MEL_BINS) -> Layout:
     """`conditioning_encoder.*`: conv2d2 subsampling, position table, Conformer blocks, after_norm."""
-    cm = cfg.condition_module
+    return conformer_entries(cfg.condition_module, prefix, mel_bins)
+
+
+def conformer_entries(cm: ConditionModuleConfig, prefix: str, input_size: int) -> Layout:
+    """A Conformer encoder's entries under `prefix` for `input_size` input features (IndexTTS2 has two)."""
     d, units, heads = cm.output_size, cm.linear_units, cm.attention_heads
     out: Layout = {}
     out[f"{prefix}embed.conv.0.weight"] = TensorSpec((d, 1, 3, 3))
     out[f"{prefix}embed.conv.0.bias"] = TensorSpec((d,), std=BIAS_STD)
-    _linear(out, f"{prefix}embed.out.0", d, d * ((mel_bins - 1) // 2))
+    _linear(out, f"{prefix}embed.out.0", d, d * ((input_size - 1) // 2))
     out[f"{prefix}embed.pos_enc.pe"] = TensorSpec(
         (1, POS_TABLE_ROWS, d), init="fixed", value=functools.partial(rounded_sinusoid, POS_TABLE_ROWS, d)
     )
@@ -82,10 +86,16 @@ def conformer_layout(cfg: GPTConfig, prefix: str = "conditioning_encoder.", mel_
 def perceiver_layout(cfg: GPTConfig, prefix: str = "perceiver_encoder.") -> Layout:
     """`perceiver_encoder.*`: latents, optional proj_context, 2 x (attention, GEGLU FFN), final norm gamma."""
     cm = cfg.condition_module
-    dim, ctx = cfg.model_dim, cm.output_size
-    inner = cm.attention_heads * PERCEIVER_DIM_HEAD
-    ff_inner = int(dim * cm.perceiver_mult * 2 / 3)
-    out: Layout = {f"{prefix}latents": TensorSpec((cfg.condition_num_latent, dim), std=1.0)}
+    return perceiver_entries(
+        prefix, cfg.model_dim, cm.output_size, cm.attention_heads, cm.perceiver_mult, cfg.condition_num_latent
+    )
+
+
+def perceiver_entries(prefix: str, dim: int, ctx: int, heads: int, ff_mult: int, num_latents: int) -> Layout:
+    """A perceiver resampler's entries under `prefix` (width `dim`, context width `ctx`)."""
+    inner = heads * PERCEIVER_DIM_HEAD
+    ff_inner = int(dim * ff_mult * 2 / 3)
+    out: Layout = {f"{prefix}latents": TensorSpec((num_latents, dim), std=1.0)}
     if ctx != dim:  # an identity (no weights) when the widths agree
         _linear(out, f"{prefix}proj_context", dim, ctx)
     for i in range(PERCEIVER_DEPTH):

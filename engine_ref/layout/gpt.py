@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from engine_ref.config import GPTConfig
+from engine_ref.modules.configs import GPTConfig
 from engine_ref.layout import Layout, TensorSpec
 from engine_ref.layout.conditioning import conditioning_layout
 

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine_ref.config import BigVGANConfig
+from engine_ref.modules.configs import BigVGANConfig
 from engine_ref.errors import CheckpointError, ConfigError, InputError
 from engine_ref.layout.bigvgan import bigvgan_layout
 from engine_ref.modules.alias_free import Activation1d, make_snake

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine_ref.config import ConditionModuleConfig
+from engine_ref.modules.configs import ConditionModuleConfig
 from engine_ref.errors import ConfigError, InputError
 
 # Fixed by the upstream architecture, not by config.yaml.
@@ -135,10 +135,15 @@ class FeedForward(nn.Module):
 
 
 class ConvModule(nn.Module):
-    """Pointwise conv -> GLU -> depthwise conv (symmetric, k=15) -> LayerNorm -> SiLU -> pointwise conv."""
+    """Pointwise conv -> GLU -> depthwise conv (symmetric, k=15) -> LayerNorm -> SiLU -> pointwise conv.
 
-    def __init__(self, dim: int, kernel: int = CONV_KERNEL):
+    mask_after_glu=False reproduces upstream exactly (padded frames carry glu(bias) into the depthwise conv); it
+    only matters when a frame is masked, e.g. IndexTTS2 at REL with a reference longer than its length quirk.
+    """
+
+    def __init__(self, dim: int, kernel: int = CONV_KERNEL, mask_after_glu: bool = True):
         super().__init__()
+        self.mask_after_glu = mask_after_glu
         self.pointwise_conv1 = nn.Conv1d(dim, 2 * dim, 1)
         self.depthwise_conv = nn.Conv1d(dim, dim, kernel, padding=(kernel - 1) // 2, groups=dim)
         self.norm = nn.LayerNorm(dim, eps=LN_EPS)
@@ -149,7 +154,8 @@ class ConvModule(nn.Module):
         pad = ~frame_mask
         y = x.transpose(1, 2).masked_fill(pad, 0.0)
         y = F.glu(self.pointwise_conv1(y), dim=1)
-        y = y.masked_fill(pad, 0.0)  # padded frames must look like the conv's own zero padding
+        if self.mask_after_glu:
+            y = y.masked_fill(pad, 0.0)  # padded frames must look like the conv's own zero padding
         y = self.depthwise_conv(y)
         y = F.silu(self.norm(y.transpose(1, 2))).transpose(1, 2)
         y = self.pointwise_conv2(y).masked_fill(pad, 0.0)
@@ -159,11 +165,11 @@ class ConvModule(nn.Module):
 class ConformerBlock(nn.Module):
     """Pre-norm: x += attn(norm_mha x); x += conv(norm_conv x); x += ffn(norm_ff x); x = norm_final x."""
 
-    def __init__(self, dim: int, heads: int, units: int):
+    def __init__(self, dim: int, heads: int, units: int, mask_after_glu: bool = True):
         super().__init__()
         self.self_attn = RelPositionSelfAttention(dim, heads)
         self.feed_forward = FeedForward(dim, units)
-        self.conv_module = ConvModule(dim)
+        self.conv_module = ConvModule(dim, mask_after_glu=mask_after_glu)
         self.norm_ff = nn.LayerNorm(dim, eps=LN_EPS)
         self.norm_mha = nn.LayerNorm(dim, eps=LN_EPS)
         self.norm_conv = nn.LayerNorm(dim, eps=LN_EPS)
@@ -177,9 +183,18 @@ class ConformerBlock(nn.Module):
 
 
 class ConformerEncoder(nn.Module):
-    """Conv2d 2x subsampling + N Conformer blocks + after_norm, built from gpt.condition_module."""
+    """Conv2d 2x subsampling + N Conformer blocks + after_norm, built from gpt.condition_module.
 
-    def __init__(self, cfg: ConditionModuleConfig, input_size: int = 100, pos_table_rows: int = POS_TABLE_ROWS):
+    mask_after_glu: see ConvModule (False = upstream's exact padded-frame behaviour, not batch-independent).
+    """
+
+    def __init__(
+        self,
+        cfg: ConditionModuleConfig,
+        input_size: int = 100,
+        pos_table_rows: int = POS_TABLE_ROWS,
+        mask_after_glu: bool = True,
+    ):
         super().__init__()
         if cfg.input_layer != "conv2d2":
             raise ConfigError(
@@ -197,7 +212,8 @@ class ConformerEncoder(nn.Module):
         self.pos_table_rows = pos_table_rows
         self.embed = ConvSubsample2x(input_size, cfg.output_size, pos_table_rows)
         self.encoders = nn.ModuleList(
-            ConformerBlock(cfg.output_size, cfg.attention_heads, cfg.linear_units) for _ in range(cfg.num_blocks)
+            ConformerBlock(cfg.output_size, cfg.attention_heads, cfg.linear_units, mask_after_glu)
+            for _ in range(cfg.num_blocks)
         )
         self.after_norm = nn.LayerNorm(cfg.output_size, eps=LN_EPS)
 

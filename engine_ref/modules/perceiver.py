@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine_ref.config import GPTConfig
+from engine_ref.modules.configs import GPTConfig
 from engine_ref.errors import InputError
 from engine_ref.modules.conformer import ConformerEncoder
 

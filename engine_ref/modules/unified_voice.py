@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from engine_ref.config import GPTConfig
+from engine_ref.modules.configs import GPTConfig
 from engine_ref.modules.gpt2 import KV, GPT2Stack
 from engine_ref.modules.perceiver import SpeechConditioner
 

@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from export.common import session
-from export.manifest import read_manifest
+from engine_ref.errors import InputError
+from export.ort_session import session
+from export.manifest import read_manifest, verify_component
 from model_repository.models.base import PythonModel
 
 
@@ -15,6 +16,7 @@ class OnnxLeafModel(PythonModel):
     def setup(self) -> None:
         manifest = read_manifest(self.export_dir)
         self.component = manifest.component(self.param("component"))
+        verify_component(self.export_dir, self.component)  # a tampered graph fails the load, by name
         threads = self.param("threads", None, int)
         self.session = session(self.export_dir / self.component.file, threads=threads,
                                spinning=self.param("spin_threads", True, bool))
@@ -26,11 +28,12 @@ class OnnxLeafModel(PythonModel):
         responses = []
         for request in requests:
             try:
+                self.check_internal(request)
                 feeds = {}
                 for name in self.input_names:
                     value = self.tensor(request, name)
                     if value is None:
-                        raise ValueError(f"input {name} is missing")
+                        raise InputError(f"input {name} is missing", f"send every input of {self.model_name}")
                     feeds[name] = value.astype(self.dtypes[name], copy=False)
                 results = self.session.run(self.output_names, feeds)
                 responses.append(self.pb.InferenceResponse(
