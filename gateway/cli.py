@@ -35,6 +35,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--request-timeout", dest="request_timeout_s", type=float,
                    help="seconds to wait for Triton's next response (default 120)")
     p.add_argument("--model-id", help="the model name GET /v1/models lists (default indextts-1.5)")
+    p.add_argument("--default-language", help="language sent when a request names none, for a served model that "
+                                              "requires one (IndexTTS-2.5: zh, en, ja, es, ar, zhen)")
     p.set_defaults(func=cmd_gateway)
 
     k = sub.add_parser("gateway-key", help="print a new gateway API key and its line for the keys file")

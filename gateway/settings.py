@@ -71,6 +71,9 @@ class GatewaySettings:
     model_id: str = "indextts-1.5"
     #: Voice references longer than this are refused at upload (the server uses only the first seconds).
     max_voice_seconds: float = 60.0
+    #: The text language sent when a request names none, for a served family that requires one (IndexTTS-2.5 has
+    #: no language detection; OpenAI's API has no language field). None: such a request is a 400 saying so.
+    default_language: str | None = None
 
     def __post_init__(self) -> None:
         def bad(name: str, fix: str) -> ConfigError:
@@ -93,6 +96,9 @@ class GatewaySettings:
             raise bad("db_url", "use postgresql://user:pass@host/db, sqlite:///path, or leave it unset for SQLite")
         if not self.model_id or any(ch.isspace() for ch in self.model_id):
             raise bad("model_id", "use a name without spaces, e.g. indextts-1.5")
+        if self.default_language is not None and (not self.default_language.strip() or
+                                                  any(ch.isspace() for ch in self.default_language.strip())):
+            raise bad("default_language", "use a language code such as en (IndexTTS-2.5: zh, en, ja, es, ar, zhen)")
         for origin in self.cors_origins:
             if origin != "*" and "://" not in origin:
                 raise ConfigError(f"CORS origin {origin!r} is not an origin",

@@ -20,7 +20,9 @@ the server no longer knows it.
 
 Generation parameters beyond OpenAI's (temperature, top_p, top_k, repetition_penalty, num_beams,
 max_mel_tokens, seed, do_sample, max_text_tokens_per_segment) are accepted as extra body fields
-(``extra_body=`` in the openai SDK); only those given are sent, the server owns the defaults.
+(``extra_body=`` in the openai SDK); only those given are sent, the server owns the defaults. So are IndexTTS-2.5's
+``language`` (required by it: a request without one gets the gateway's default_language, else a 400; see
+gateway/controls.py) and ``duration_factor`` (0.5-2.0, its native length control).
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ from model_repository import contract as c
 
 from gateway.audio import FORMATS, StreamEncoder, TimeStretch, output_rate
 from gateway.auth import Principal, require_key
+from gateway.controls import family_controls
 from gateway.errors import APIError, from_tts_error
 from gateway.triton import UNKNOWN_SPEAKER_MARK, AudioChunk, TritonTTS
 from gateway.voices import Voice, VoiceNotFound, VoiceStore
@@ -59,7 +62,7 @@ router = APIRouter()
 #: OpenAI's model names, accepted for the served model so code written for OpenAI only changes base_url.
 OPENAI_MODEL_ALIASES = ("tts-1", "tts-1-hd", "gpt-4o-mini-tts", "gpt-4o-mini-tts-2025-12-15")
 _OPENAI_FIELDS = ("model", "input", "voice", "instructions", "response_format", "speed", "stream_format")
-_EXTRA_FIELDS = (*c.PARAMS, "max_text_tokens_per_segment")
+_EXTRA_FIELDS = (*c.PARAMS, "max_text_tokens_per_segment", "language", "duration_factor")
 _STREAM_FORMATS = ("audio", "sse")
 
 
@@ -74,6 +77,8 @@ class SpeechRequest:
     instructions: str | None = None
     params: dict[str, Any] = field(default_factory=dict)
     max_text_tokens_per_segment: int | None = None
+    language: str | None = None  # IndexTTS-2.5's LANGUAGE
+    duration_factor: float | None = None  # IndexTTS-2.5's DURATION_FACTOR
 
 
 def _bad(message: str, param: str, code: str = "invalid_value") -> APIError:
@@ -130,6 +135,7 @@ def parse_speech_request(body: Any, served_model: str, max_text_chars: int) -> S
     instructions = body.get("instructions")
     if instructions is not None and not isinstance(instructions, str):
         raise _bad("instructions must be a string", "instructions")
+    language, duration_factor = parse_family_fields(body)
     params = {name: body[name] for name in c.PARAMS if body.get(name) is not None}
     mtt = body.get("max_text_tokens_per_segment")
     try:
@@ -144,8 +150,32 @@ def parse_speech_request(body: Any, served_model: str, max_text_chars: int) -> S
                    f"{c.DEFAULT_MAX_TEXT_TOKENS_PER_SEGMENT}", "max_text_tokens_per_segment")
     return SpeechRequest(model=model, input=text, voice=voice, response_format=fmt, speed=float(speed),
                          stream_format=stream_format, instructions=(instructions or "").strip() or None,
-                         params=params,
-                         max_text_tokens_per_segment=mtt)
+                         params=params, max_text_tokens_per_segment=mtt, language=language,
+                         duration_factor=duration_factor)
+
+
+def parse_family_fields(body: dict[str, Any]) -> tuple[str | None, float | None]:
+    """(language, duration_factor) of a request or job body, type-checked (form fields arrive as strings);
+    whether the served family takes them is gateway/controls.py's question."""
+    language = body.get("language")
+    if language in (None, ""):
+        language = None
+    elif not isinstance(language, str) or not language.strip() or len(language) > 16:
+        raise _bad(f"language={language!r} must be a language code. Fix: pass e.g. en", "language")
+    factor = body.get("duration_factor")
+    if factor in (None, ""):
+        return language, None
+    if isinstance(factor, str):
+        try:
+            factor = float(factor)
+        except ValueError:
+            raise _bad(f"duration_factor={factor[:40]!r} is not a number. Fix: pass e.g. 1.2",
+                       "duration_factor") from None
+    if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not math.isfinite(factor) \
+            or not 0.5 <= factor <= 2.0:
+        raise _bad(f"duration_factor={factor!r} is out of range. Fix: pass a number from 0.5 to 2.0 (IndexTTS-2.5)",
+                   "duration_factor")
+    return language, float(factor)
 
 
 # ------------------------------------------------------------------------------------------------ synthesis
@@ -245,13 +275,8 @@ async def create_speech(request: Request, principal: Principal = Depends(require
     except InputError as exc:
         raise _bad(exc.one_line(), "voice") from None
 
-    controls = None
-    if req.instructions:  # OpenAI's emotion/style prompt: IndexTTS-2's emotion text, refused where there is none
-        if await state.triton.text_emotion() is False:
-            raise _bad(f"instructions (emotion from text) are not supported by the served model "
-                       f"{state.settings.model_id!r}: its family (IndexTTS 1.x) has no emotion control. Fix: leave "
-                       "instructions out, or serve an IndexTTS2 model", "instructions", "unsupported_parameter")
-        controls = Controls(emo_text=req.instructions)
+    controls = await family_controls(state.triton, state.settings, instructions=req.instructions,
+                                     language=req.language, duration_factor=req.duration_factor)
     request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
     chunks = synthesize_chunks(state.triton, state.voices, voice, req.input, req.params,
                                req.max_text_tokens_per_segment, request_id, controls)

@@ -63,7 +63,7 @@ class TritonTTS:
         self.connect_timeout_s = connect_timeout_s
         self._client: Any = None
         self._text_limit: int | None = None
-        self._text_emotion: bool | None = None
+        self._entry_params: dict[str, str] | None = None
 
     def _grpc(self) -> Any:
         if self._client is None:
@@ -121,20 +121,35 @@ class TritonTTS:
                 return c.DEFAULT_MAX_TEXT_CHARS
         return self._text_limit
 
-    async def text_emotion(self) -> bool | None:
-        """Whether the served family takes an emotion described in words (EMO_TEXT; IndexTTS-2), from the entry
-        model's config; asked once. A repository older than the parameter is IndexTTS 1.x: False. None when the
-        config cannot be read now (the request then carries EMO_TEXT and a 1.x server refuses it by name)."""
-        if self._text_emotion is None:
+    async def _entry_parameters(self) -> dict[str, str] | None:
+        """The entry model's config parameters (what the served family accepts), asked once; None while the config
+        cannot be read (asked again next time)."""
+        if self._entry_params is None:
             from tritonclient.utils import InferenceServerException
 
             try:
                 cfg = (await self._grpc().get_model_config(self.model, client_timeout=self.connect_timeout_s)).config
             except (InferenceServerException, OSError, asyncio.TimeoutError):
                 return None
-            raw = cfg.parameters["text_emotion"].string_value if "text_emotion" in cfg.parameters else "0"
-            self._text_emotion = raw.strip() not in ("", "0", "false", "False")
-        return self._text_emotion
+            self._entry_params = {k: v.string_value for k, v in cfg.parameters.items()}
+        return self._entry_params
+
+    async def text_emotion(self) -> bool | None:
+        """Whether the served family takes an emotion described in words (EMO_TEXT; IndexTTS-2). A repository
+        older than the parameter is IndexTTS 1.x: False. None when the config cannot be read now (the request then
+        carries EMO_TEXT and a 1.x server refuses it by name)."""
+        params = await self._entry_parameters()
+        if params is None:
+            return None
+        return params.get("text_emotion", "0").strip() not in ("", "0", "false", "False")
+
+    async def languages(self) -> tuple[str, ...] | None:
+        """The LANGUAGE values the served family takes (IndexTTS-2.5 requires one; () where the family has no such
+        input); None when the config cannot be read now (the request then goes as given and the server judges)."""
+        params = await self._entry_parameters()
+        if params is None:
+            return None
+        return tuple(x for x in params.get("languages", "").split(",") if x)
 
     # --- synthesis --------------------------------------------------------------------------------------------------
     async def stream(self, text: str, voice_audio: bytes | None = None, speaker_id: str | None = None,

@@ -227,7 +227,7 @@ class _Build:
             "speaker_cache_size": opts.speaker_cache_size, "request_timeout_s": opts.request_timeout_s,
             "chunk_first_codes": opts.chunk_first_codes, "chunk_max_codes": opts.chunk_max_codes,
             # read by clients and the gateway (model config parameters): what this repository's family accepts
-            "family": fam.family, "text_emotion": int(fam.text_emotion)}
+            "family": fam.family, "text_emotion": int(fam.text_emotion), "languages": ",".join(fam.languages)}
         if fam.family != INDEXTTS:
             silence = self.manifest.model.get("interval_silence_ms", 200)
             params.update(interval_silence_ms=silence if opts.interval_silence_ms is None else opts.interval_silence_ms,

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 from engine_ref.errors import InputError
 from engine_ref.families import FAMILY_NAMES, INDEXTTS, INDEXTTS2, INDEXTTS2_5
+from engine_ref.indextts2.v25.languages import SUPPORTED_LANGUAGES
 from model_repository import contract as c
 
 __all__ = ["FamilyModels", "FAMILY_MODELS", "family_of", "family_models"]
@@ -34,6 +35,9 @@ class FamilyModels:
     max_reference_seconds: float = 50.0
     #: takes EMO_TEXT (emotion described in words): the gateway maps OpenAI's `instructions` to it
     text_emotion: bool = False
+    #: LANGUAGE values the family takes (IndexTTS-2.5: required, it has no detection); () for families without it.
+    #: Written into the entry models' config so the gateway can apply its default and name the choices.
+    languages: tuple[str, ...] = ()
     #: the preprocess model's family-only inputs and outputs (IndexTTS-2.5: LANGUAGE in, SEGMENT_LANG_IDS out)
     preprocess_inputs: tuple[c.Field, ...] = ()
     preprocess_outputs: tuple[c.Field, ...] = ()
@@ -71,6 +75,7 @@ FAMILY_MODELS: dict[str, FamilyModels] = {
         decoder_params={"remove_long_silence": "0", "latent_pass": "0"},
         max_reference_seconds=15.0,  # 2.5 always cuts references at 15 s
         text_emotion=True,
+        languages=SUPPORTED_LANGUAGES,
         preprocess_inputs=(c.LANGUAGE,),
         preprocess_outputs=(c.SEGMENT_LANG_IDS,),
     ),

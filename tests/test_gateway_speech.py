@@ -266,6 +266,8 @@ def test_errors_have_openai_status_and_say_the_fix(oai, voice, gateway):
     assert expect(openai.NotFoundError, 404, "no voice named", voice="nobody")["param"] == "voice"
     assert expect(openai.BadRequestError, 400, "not a valid voice", voice="../../etc/passwd")["param"] == "voice"
     assert expect(openai.BadRequestError, 400, "emotion", instructions="Speak happily.")["param"] == "instructions"
+    assert expect(openai.BadRequestError, 400, "only IndexTTS-2.5", extra_body={"language": "en"})["code"] == \
+        "unsupported_parameter"
     expect(openai.BadRequestError, 400, "response_format", response_format="ogg")
     expect(openai.BadRequestError, 400, "speed", speed=4.5)
     expect(openai.BadRequestError, 400, "input is empty", input="   ")

@@ -233,3 +233,61 @@ def test_demo_client_path_writes_a_22khz_wav_equal_to_engine_ref(server, engine,
     assert timings.audio_s == pytest.approx(pcm.size / 22050)
     ref = engine.synthesize(text, v2_voice_wav, v2_generation_params(seed=0), lang="en", duration_factor=1.2)
     _close(pcm, ref.pcm16)
+
+
+# ------------------------------------------------------------------------------------------------ the gateway
+
+
+def test_gateway_sends_the_language_2_5_requires_and_names_the_fix_when_there_is_none(server, refs, v2_voice_wav,
+                                                                                        tmp_path):
+    """OpenAI's API has no language field: `language` (an extra body field), else the gateway's default_language,
+    else a 400 naming both; a language the model does not speak is a 400 listing those it does; a job with none
+    is refused at submission. The served audio equals engine_ref's for the same language."""
+    import httpx
+    import openai
+
+    from gateway.settings import GatewaySettings
+    from gateway_support import start_gateway
+
+    key = "v25-gateway-key"
+    gateways = []
+    try:
+        for data, default in (("plain", None), ("default-es", "es")):
+            gateways.append(start_gateway(GatewaySettings(
+                triton_url=server.grpc_url, data_dir=tmp_path / data, api_keys=(key,), model_id="indextts-2.5",
+                default_language=default)))
+        auth = {"Authorization": f"Bearer {key}"}
+        for gw in gateways:
+            r = httpx.post(f"{gw.url}/v1/audio/voices", headers=auth, data={"name": "v"},
+                           files={"audio": ("v.wav", v2_voice_wav.read_bytes(), "audio/wav")})
+            assert r.status_code == 201, r.text
+        plain, with_default = (openai.OpenAI(base_url=f"{gw.url}/v1", api_key=key, max_retries=0, timeout=120)
+                               for gw in gateways)
+        extra = {**GREEDY, "max_text_tokens_per_segment": SEG}
+
+        def speak(oai, text, **fields):
+            return np.frombuffer(oai.audio.speech.create(model="tts-1", voice="v", input=text, response_format="pcm",
+                                                         extra_body={**extra, **fields}).content, "<i2")
+
+        _close(speak(plain, TEXTS["en"], language="en"), refs["en"].pcm16)
+        _close(speak(with_default, TEXTS["es"]), refs["es"].pcm16)  # the gateway's default: es
+        _close(speak(with_default, TEXTS["en"], language="EN"), refs["en"].pcm16)  # the request's wins
+        longer = speak(plain, TEXTS["en"], language="en", duration_factor=1.5)
+        assert longer.size > 1.3 * refs["en"].pcm16.size
+
+        with pytest.raises(openai.BadRequestError) as missing:
+            speak(plain, TEXTS["en"])
+        body = missing.value.response.json()["error"]
+        assert body["param"] == "language" and body["code"] == "missing_required_parameter"
+        assert "--default-language" in body["message"] and "zh, en, ja, es, ar" in body["message"]
+        with pytest.raises(openai.BadRequestError) as unknown:
+            speak(plain, TEXTS["en"], language="fr")
+        assert "'fr'" in unknown.value.response.json()["error"]["message"]
+        with pytest.raises(openai.BadRequestError) as factor:
+            speak(plain, TEXTS["en"], language="en", duration_factor=3)
+        assert factor.value.response.json()["error"]["param"] == "duration_factor"
+        job = httpx.post(f"{gateways[0].url}/v1/audio/jobs", headers=auth, json={"input": TEXTS["en"], "voice": "v"})
+        assert job.status_code == 400 and job.json()["error"]["param"] == "language", job.text
+    finally:
+        for gw in gateways:
+            gw.stop()

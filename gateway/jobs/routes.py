@@ -33,6 +33,7 @@ from starlette.datastructures import UploadFile
 
 from engine_ref.errors import InputError, TTSError
 from gateway.auth import ANONYMOUS, Principal, require_key
+from gateway.controls import family_controls
 from gateway.errors import APIError
 from gateway.jobs.epub import Book, is_epub, read_epub
 from gateway.jobs.files import JobFiles
@@ -49,7 +50,7 @@ router = APIRouter(prefix="/v1/audio/jobs", tags=["jobs"])
 
 _TEXT_FIELDS = ("input", "text")
 _FIELDS = ("model", *_TEXT_FIELDS, "file", "voice", "format", "response_format", "title", "author", "bitrate",
-           *c.PARAMS, "max_text_tokens_per_segment")
+           *c.PARAMS, "max_text_tokens_per_segment", "instructions", "language", "duration_factor")
 _SSE_POLL_S = 0.5
 _SSE_KEEPALIVE_S = 15.0
 
@@ -166,6 +167,18 @@ def parse_job_fields(fields: dict[str, Any], served_model: str) -> dict[str, Any
             raise _bad(f"max_text_tokens_per_segment must be at least 1. Fix: use e.g. "
                        f"{c.DEFAULT_MAX_TEXT_TOKENS_PER_SEGMENT}", "max_text_tokens_per_segment")
         out["max_text_tokens_per_segment"] = mtt
+    from gateway.speech import parse_family_fields
+
+    language, factor = parse_family_fields(fields)
+    instructions = fields.get("instructions")
+    if instructions not in (None, ""):
+        if not isinstance(instructions, str) or not instructions.strip():
+            raise _bad("instructions must be a string describing the emotion. Fix: e.g. 'calm and warm'",
+                       "instructions")
+        out["instructions"] = instructions.strip()
+    for name, value in (("language", language), ("duration_factor", factor)):
+        if value is not None:
+            out[name] = value
     return out
 
 
@@ -307,6 +320,14 @@ async def submit_job(request: Request, principal: Principal = Depends(require_ke
         if isinstance(exc, VoiceNotFound):
             raise APIError.not_found(exc.one_line(), param="voice", code="voice_not_found") from None
         raise _bad(exc.one_line(), "voice") from None
+    # the served family's controls, resolved now (a book's own language serves IndexTTS-2.5 when none is given)
+    controls = await family_controls(state.triton, settings, instructions=job_request.pop("instructions", None),
+                                     language=job_request.pop("language", None),
+                                     duration_factor=job_request.pop("duration_factor", None),
+                                     fallback_language=book.language)
+    if controls is not None:
+        job_request["controls"] = {k: v for k, v in (("emo_text", controls.emo_text), ("language", controls.language),
+                                                     ("duration_factor", controls.duration_factor)) if v is not None}
     job_request.update({"voice": voice.name, "voice_id": voice.id, "source": kind, "filename": filename,
                         "title": job_request.get("title") or book.title or (Path(filename).stem if filename else None),
                         "author": job_request.get("author") or book.author})

@@ -34,6 +34,7 @@ from typing import Any, Callable, Mapping
 import numpy as np
 
 from client.errors import ModelUnavailable, RequestRejected, ServerTimeout, ServerUnavailable
+from client.request import Controls
 from engine_ref.errors import CapacityError, ConfigError, InputError, TTSError
 from gateway.jobs.files import JobFiles, PartMeta, text_digest
 from gateway.jobs.m4b import ChapterMark, Tags, job_format, write_audiobook
@@ -439,6 +440,7 @@ class JobRunner:
         request = record.request
         params = dict(request.get("params") or {})
         per_segment = request.get("max_text_tokens_per_segment")
+        controls = Controls(**request["controls"]) if request.get("controls") else None
         waited, backoff = 0.0, self.config.retry_backoff_s
         while True:
             chunks: list[np.ndarray] = []
@@ -447,7 +449,7 @@ class JobRunner:
             try:
                 async for chunk in self.tts.stream(part.text, None if speaker_id else voice, speaker_id, params,
                                                    request_id=f"{record.id}.p{part.index}.a{record.attempts}",
-                                                   max_text_tokens_per_segment=per_segment):
+                                                   max_text_tokens_per_segment=per_segment, controls=controls):
                     if sample_rate and chunk.sample_rate != sample_rate:
                         raise InputError("the server changed its sample rate within a request",
                                          "use a gateway and a server from the same triton-tts version")
