@@ -17,7 +17,11 @@ On one machine, one after another (never overlapping, so neither steals the othe
    the most rows in one call (the tts_s2mel_batch_rows gauge sampled every 20 ms).
 
 `--preset v2` writes build/models/v2 (~8 GB, once) and its export (build/exports/v2-serve) when missing and runs a
-reduced plan (the short text only; 4 one-sentence requests), stated in the report. The report goes to
+reduced plan (the short text only; 4 one-sentence requests; codes capped at 200 per segment, since random weights
+rarely stop), stated in the report. IndexTTS-2.5 presets (tiny-v2.5, v2.5) run the same plan with lang=en (v2.5's
+cap is 100 codes: 25 Hz codes, the same audio length). `--preset` may repeat: with a 2.5 preset and its 2.0 size,
+a third report, serve-bench-v2-compare-<2.5>-vs-<2.0>-..., sets them side by side (engine_ref per stage and end to
+end, served single stream and 4 concurrent) with 2.5 / 2.0 ratios, all measured in this one run. The report goes to
 perf/results/serve-bench-v2-<preset>-<date>-<host>.md (+ .json) with the machine, commit, command and load average.
 """
 
@@ -48,6 +52,10 @@ TEXTS = {
     "medium": ("The quick brown fox jumps over the lazy dog. Then it rests in the shade, and the afternoon goes "
                "by slowly, while the birds sing in the old oak tree behind the farmhouse."),
 }
+#: an IndexTTS-2.5 preset -> the 2.0 preset of the same sizes
+V25_PAIRS = {"tiny-v2.5": "tiny-v2", "v2.5": "v2"}
+PRESETS = ("tiny-v2", "v2", *V25_PAIRS)
+V25_LANG = "en"  # the texts are English; 2.5 has no language detection
 THROUGHPUT_TEXTS = (
     "A first sentence that takes a while to say. It goes on a little.",
     "The second one is here, also fairly long. It has a tail too.",
@@ -65,13 +73,21 @@ class Plan:
     throughput_texts: tuple[str, ...] = THROUGHPUT_TEXTS
     voice_seconds: float = 3.0
     note: str = ""
+    max_mel_tokens: int | None = None  # a cap on each segment's codes (both sides); None: the model's
+
+    @property
+    def v25(self) -> bool:
+        return self.preset in V25_PAIRS
 
 
 def plan_for(preset: str) -> Plan:
-    if preset == "v2":
+    if preset in ("v2", "v2.5"):
+        cap = 100 if preset == "v2.5" else 200
         return Plan(preset, texts=("short",), throughput_texts=tuple(t.split(".")[0] + "." for t in THROUGHPUT_TEXTS),
+                    max_mel_tokens=cap,
                     note="reduced for a 2-core CPU: the short text only for the single-stream rows; the 4 throughput "
-                         "requests are the first sentence of each text")
+                         f"requests are the first sentence of each text; at most {cap} codes per segment (4 s of "
+                         "audio; random weights rarely emit the stop code)")
     return Plan(preset)
 
 
@@ -93,6 +109,7 @@ class TextRow:
     served_ttfa_s: float
     engine_rtfs: list[float] = field(default_factory=list)
     served_rtfs: list[float] = field(default_factory=list)
+    engine_stages: dict[str, float] = field(default_factory=dict)  # engine_ref seconds per stage (medians)
 
     @property
     def rtf_ratio(self) -> float:
@@ -243,7 +260,8 @@ def render(res: ServeBenchV2, plan_note: str = "") -> str:
     m = res.machine
     n = res.diffusion_steps
     lines = [
-        f"# IndexTTS-2 served vs engine_ref v2, and s2mel batching ({res.preset})", "",
+        f"# {'IndexTTS-2.5' if res.preset in V25_PAIRS else 'IndexTTS-2'} served vs engine_ref, and s2mel batching "
+        f"({res.preset})", "",
         f"- machine: {m.get('cpu', '?')}, {m.get('cores', '?')} cores, host {m.get('host', '?')}, {m.get('date', '?')}; "
         f"torch threads {m.get('threads', '?')}",
         f"- software: Python {m.get('python', '?')}, torch {m.get('torch', '?')}, onnxruntime "
@@ -327,11 +345,15 @@ def _say(msg: str) -> None:
 
 def ensure_model(preset: str) -> Path:
     from engine_ref.indextts2.presets import write_v2_preset
+    from engine_ref.indextts2.v25.presets import write_v25_preset
 
     model_dir = Path("build/models") / preset
     if not (model_dir / "config.yaml").is_file():
         _say(f"writing preset {preset} to {model_dir} (once; v2 takes minutes and ~8 GB)")
-        write_v2_preset(preset, model_dir, layout="flat")
+        if preset in V25_PAIRS:
+            write_v25_preset(preset, model_dir)
+        else:
+            write_v2_preset(preset, model_dir, layout="flat")
     return model_dir
 
 
@@ -354,9 +376,13 @@ def bench_engine_ref(model, plan: Plan, voice: bytes, reps: int) -> dict[str, di
     """Per text: medians of RTF, first-segment time and s2mel share over `reps` runs after one warm-up."""
     from engine_ref.indextts2.gpt.generate import v2_generation_params
     from engine_ref.indextts2.synthesizer import Synthesizer2, TimingsV2
+    from engine_ref.indextts2.v25.synthesizer import Synthesizer25
 
-    synth = Synthesizer2(model, max_reference_seconds=15.0)  # the repository's cut
-    params = v2_generation_params(do_sample=False, num_beams=1, seed=0)
+    # the repository's 15 s reference cut
+    synth = (Synthesizer25 if plan.v25 else Synthesizer2)(model, max_reference_seconds=15.0)
+    kwargs = {"lang": V25_LANG} if plan.v25 else {}
+    cap = {} if plan.max_mel_tokens is None else {"max_mel_tokens": plan.max_mel_tokens}
+    params = v2_generation_params(do_sample=False, num_beams=1, seed=0, **cap)
     out: dict[str, dict] = {}
     for name in plan.texts:
         runs = []
@@ -364,7 +390,7 @@ def bench_engine_ref(model, plan: Plan, voice: bytes, reps: int) -> dict[str, di
             timings = TimingsV2()
             t0 = time.perf_counter()
             first, samples, segs = None, 0, []
-            for seg in synth.stream(TEXTS[name], voice, params, timings=timings):
+            for seg in synth.stream(TEXTS[name], voice, params, timings=timings, **kwargs):
                 if first is None:
                     first = time.perf_counter() - t0
                 samples += seg.pcm16.size
@@ -374,11 +400,12 @@ def bench_engine_ref(model, plan: Plan, voice: bytes, reps: int) -> dict[str, di
             if rep:
                 runs.append({"rtf": total / (samples / SAMPLE_RATE), "first": first, "audio_s": samples / SAMPLE_RATE,
                              "s2mel_share": timings.s2mel_s / total, "segments": len(segs),
-                             "segment_s": statistics.mean(segs) / SAMPLE_RATE})
+                             "segment_s": statistics.mean(segs) / SAMPLE_RATE, "stages": timings.stages()})
         out[name] = {"rtf": _median([r["rtf"] for r in runs]), "rtfs": [r["rtf"] for r in runs],
                      "first": _median([r["first"] for r in runs]), "audio_s": runs[0]["audio_s"],
                      "s2mel_share": _median([r["s2mel_share"] for r in runs]), "segments": runs[0]["segments"],
-                     "segment_s": runs[0]["segment_s"]}
+                     "segment_s": runs[0]["segment_s"],
+                     "stages": {k: _median([r["stages"][k] for r in runs]) for k in runs[0]["stages"]}}
         print(f"    engine_ref {name}: RTF {out[name]['rtf']:.3f}, first segment {out[name]['first']:.2f} s",
               file=sys.stderr)
     return out
@@ -443,14 +470,16 @@ def run_throughput_level(target, metrics_url: str, items: list, concurrency: int
                  segments=delta("tts_s2mel_requests_done_total"), rows_max_sampled=max(sampled, default=0))
 
 
-def run(preset: str, reps: int, out_dir: Path, command: str, verify_export: bool = False) -> Path:
+def run(preset: str, reps: int, out_dir: Path, command: str,
+        verify_export: bool = False) -> tuple[Path, ServeBenchV2]:
     import torch
 
-    from client.request import GenerationOverrides, TTSRequest
+    from client.request import Controls, GenerationOverrides, TTSRequest
     from engine_ref.audio import wav_bytes
     from engine_ref.errors import InputError
     from engine_ref.indextts.presets import demo_voice
     from engine_ref.indextts2.loader import load_v2_model
+    from engine_ref.indextts2.v25.loader import load_v25_model
     from export.manifest import read_manifest
     from model_repository.builder import RepoOptions, build_repository
     from model_repository.server import ServerConfig, TritonServer, free_port
@@ -469,8 +498,8 @@ def run(preset: str, reps: int, out_dir: Path, command: str, verify_export: bool
     steps = int(manifest.model.get("diffusion_steps", 25))
     voice = wav_bytes(demo_voice(plan.voice_seconds, 24000), 24000)
 
-    _say("engine_ref v2 (no server running)")
-    model = load_v2_model(model_dir)
+    _say(f"engine_ref {preset} (no server running)")
+    model = (load_v25_model if plan.v25 else load_v2_model)(model_dir)
     ref = bench_engine_ref(model, plan, voice, reps)
     last = ref[plan.texts[-1]]
     prompt_frames = int(plan.voice_seconds * MEL_FRAMES_PER_S)
@@ -480,10 +509,12 @@ def run(preset: str, reps: int, out_dir: Path, command: str, verify_export: bool
     del model  # the server gets the memory (v2: several GB)
 
     res = ServeBenchV2(preset, machine, reps, steps, estimator=estimator, notes=notes)
-    greedy = GenerationOverrides(do_sample=False, num_beams=1, seed=0)
-    singles = {name: LoadRequest(name, TTSRequest.build(TEXTS[name], voice, params=greedy), "voice")
+    cap = {} if plan.max_mel_tokens is None else {"max_mel_tokens": plan.max_mel_tokens}
+    greedy = GenerationOverrides(do_sample=False, num_beams=1, seed=0, **cap)
+    controls = Controls(language=V25_LANG) if plan.v25 else None
+    singles = {name: LoadRequest(name, TTSRequest.build(TEXTS[name], voice, params=greedy, controls=controls), "voice")
                for name in plan.texts}
-    batch = [LoadRequest(f"t{i}", TTSRequest.build(t, voice, params=greedy), "voice")
+    batch = [LoadRequest(f"t{i}", TTSRequest.build(t, voice, params=greedy, controls=controls), "voice")
              for i, t in enumerate(plan.throughput_texts)]
     repo = build_repository(export_dir, Path("build/bench") / preset / "serve-v2-repo", RepoOptions())
     _say("tritonserver: single stream, then the s2mel throughput rounds")
@@ -504,7 +535,7 @@ def run(preset: str, reps: int, out_dir: Path, command: str, verify_export: bool
             e = ref[name]
             res.texts.append(TextRow(name, e["segments"], e["audio_s"], e["rtf"], e["first"], e["s2mel_share"],
                                      _median([r.audio_s for r in recs]), _median(rtfs),
-                                     _median([r.first_audio_s for r in recs]), e["rtfs"], rtfs))
+                                     _median([r.first_audio_s for r in recs]), e["rtfs"], rtfs, e["stages"]))
             print(f"    served {name}: RTF {res.texts[-1].served_rtf:.3f}, TTFA {res.texts[-1].served_ttfa_s:.2f} s",
                   file=sys.stderr)
         for i in range(reps):
@@ -520,25 +551,88 @@ def run(preset: str, reps: int, out_dir: Path, command: str, verify_export: bool
             notes.append(f"{t.name}: served audio {t.served_audio_s:.2f} s differs from engine_ref's "
                          f"{t.engine_audio_s:.2f} s (the RTF ratio compares different work)")
     machine["load_avg_at_end"] = load_average()
-    return write_report(res, out_dir, plan.note)
+    return write_report(res, out_dir, plan.note), res
+
+
+def _level_median(levels: Sequence[Level]) -> float:
+    return _median([lv.audio_per_wall for lv in levels])
+
+
+def render_comparison(new: ServeBenchV2, old: ServeBenchV2, reports: Sequence[Path] = ()) -> str:
+    """IndexTTS-2.5 (`new`) beside 2.0 (`old`), both from this run: engine_ref per stage and end to end, served
+    single stream and 4 concurrent, each as 2.5 / 2.0 (< 1: 2.5 takes less time or, for throughput, > 1: more)."""
+    m = new.machine
+
+    def row(label: str, a: float, b: float, digits: int = 3) -> str:
+        return f"| {label} | {fmt(a, digits)} | {fmt(b, digits)} | {fmt(ratio(b, a))}x |"
+
+    lines = [f"# IndexTTS-2.5 ({new.preset}) vs IndexTTS-2 ({old.preset}): engine_ref and served, one run", "",
+             f"- machine: {m.get('cpu', '?')}, {m.get('cores', '?')} cores, host {m.get('host', '?')}; commit "
+             f"{m.get('commit', '?')}", f"- command: `{m.get('command', '?')}`",
+             f"- load average: 2.0 rows {old.machine.get('load_avg_at_start', 'n/a')} -> "
+             f"{old.machine.get('load_avg_at_end', 'n/a')}; 2.5 rows {m.get('load_avg_at_start', 'n/a')} -> "
+             f"{m.get('load_avg_at_end', 'n/a')}",
+             "- the same texts, voice and greedy settings (2.5 with lang=en); medians of each report's runs; 2.5's "
+             "codes are 25 Hz (2.0: 50 Hz), so the same audio takes half the GPT steps; 2.5 has no latent pass",
+             *(f"- from {p.name}" for p in reports), ""]
+    for t_old in old.texts:
+        t_new = next((t for t in new.texts if t.name == t_old.name), None)
+        if t_new is None:
+            continue
+        lines += [f"## {t_old.name} text", "", "| figure | 2.0 | 2.5 | 2.5 / 2.0 |", "|---|---|---|---|"]
+        for stage in t_old.engine_stages:
+            a, b = t_old.engine_stages[stage], t_new.engine_stages.get(stage, 0.0)
+            if a or b:
+                lines.append(row(f"engine_ref {stage} (s)", a, b))
+        lines += [row("engine_ref audio (s)", t_old.engine_audio_s, t_new.engine_audio_s, 2),
+                  row("engine_ref RTF (end to end)", t_old.engine_rtf, t_new.engine_rtf),
+                  row("served RTF, single stream", t_old.served_rtf, t_new.served_rtf),
+                  row("served TTFA (s), single stream", t_old.served_ttfa_s, t_new.served_ttfa_s, 2), ""]
+    lines += [f"## Served throughput ({CONCURRENCY} requests; audio s per wall s, median of the rounds; > 1x: 2.5 "
+              "does more)", "", "| figure | 2.0 | 2.5 | 2.5 / 2.0 |", "|---|---|---|---|",
+              row("one after another", _level_median(old.sequential), _level_median(new.sequential)),
+              row(f"{CONCURRENCY} concurrent", _level_median(old.concurrent), _level_median(new.concurrent)),
+              row(f"{CONCURRENCY} concurrent / one after another", old.speedup, new.speedup, 2), ""]
+    return "\n".join(lines) + "\n"
+
+
+def write_comparison(new: ServeBenchV2, old: ServeBenchV2, out_dir: Path, reports: Sequence[Path] = ()) -> Path:
+    import re
+
+    host = re.sub(r"[^A-Za-z0-9.-]+", "-", str(new.machine.get("host", "host")))[:40] or "host"
+    path = out_dir / (f"serve-bench-v2-compare-{new.preset}-vs-{old.preset}-"
+                      f"{dt.datetime.now().strftime('%Y%m%d-%H%M')}-{host}.md")
+    text = render_comparison(new, old, reports)
+    path.write_text(text, encoding="utf-8")
+    print(text)
+    return path
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     from engine_ref.errors import TTSError
 
     p = argparse.ArgumentParser(prog="python -m perf.serve_bench_v2", description=__doc__.split("\n\n")[0])
-    p.add_argument("--preset", default="tiny-v2", choices=("tiny-v2", "v2"))
+    p.add_argument("--preset", action="append", choices=PRESETS,
+                   help="tiny-v2 (default), v2, tiny-v2.5, v2.5; repeat to run several (a 2.5 preset beside its 2.0 "
+                        "size adds a comparison report)")
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--out", default="perf/results")
     p.add_argument("--verify-export", action="store_true", help="verify each graph against engine_ref when exporting")
     args = p.parse_args(argv)
     command = "python -m perf.serve_bench_v2 " + shlex.join(list(argv) if argv is not None else sys.argv[1:])
+    presets = list(dict.fromkeys(args.preset or ["tiny-v2"]))
+    done: dict[str, tuple[Path, ServeBenchV2]] = {}
     try:
-        path = run(args.preset, args.reps, Path(args.out), command.strip(), args.verify_export)
+        for preset in presets:
+            done[preset] = run(preset, args.reps, Path(args.out), command.strip(), args.verify_export)
+            print(f"wrote {done[preset][0]}", file=sys.stderr)
     except TTSError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(f"wrote {path}", file=sys.stderr)
+    for new, old in V25_PAIRS.items():
+        if new in done and old in done:
+            path = write_comparison(done[new][1], done[old][1], Path(args.out), [done[old][0], done[new][0]])
+            print(f"wrote {path}", file=sys.stderr)
     return 0
 
 

@@ -103,3 +103,26 @@ def test_rows_seen_ignores_the_gauge_while_no_step_ran():
                (0.4, {"tts_s2mel_steps_total": 110, "tts_s2mel_batch_rows": 4})]
     assert sb._rows_seen(samples) == [2, 4]
     assert sb._rows_seen(samples[:2]) == [] and sb._rows_seen([]) == []
+
+
+def test_comparison_sets_2_5_beside_2_0_with_ratios(tmp_path):
+    old = _result()
+    old.texts[0].engine_stages = {"generate": 2.0, "latent": 0.5, "s2mel": 4.0, "vocoder": 1.0, "text": 0.0}
+    new = _result(served_short=0.15, conc_wall=4.0)
+    new.preset = "tiny-v2.5"
+    new.texts[0].engine_stages = {"generate": 1.0, "latent": 0.0, "s2mel": 3.0, "vocoder": 1.0, "text": 0.0}
+    path = sb.write_comparison(new, old, tmp_path)
+    text = path.read_text()
+    assert path.name.startswith("serve-bench-v2-compare-tiny-v2.5-vs-tiny-v2-")
+    assert "| engine_ref generate (s) | 2.000 | 1.000 | 0.50x |" in text
+    assert "| engine_ref latent (s) | 0.500 | 0.000 | 0.00x |" in text and "engine_ref text" not in text
+    assert "| served RTF, single stream | 0.300 | 0.150 | 0.50x |" in text
+    # 4 concurrent: median of (10/5, 10/8) = 1.625 for 2.0, of (10/4, 10/8) = 1.875 for 2.5
+    assert "| 4 concurrent | 1.625 | 1.875 | 1.15x |" in text
+    assert "## medium text" in text  # texts without stage times still get their end-to-end rows
+
+
+def test_v2_size_plans_cap_the_codes_at_the_same_audio_length():
+    assert sb.plan_for("v2").max_mel_tokens == 2 * sb.plan_for("v2.5").max_mel_tokens
+    assert sb.plan_for("tiny-v2.5").v25 and not sb.plan_for("tiny-v2").v25
+    assert sb.plan_for("tiny-v2.5").max_mel_tokens is None
