@@ -179,13 +179,11 @@ def main(argv: list[str] | None = None) -> int:
         say(line)
     say(f"\nload average at end: {load_average()}")
     if args.out:
-        import datetime as dt
-        import socket
+        from perf.report import report_stem
 
-        path = Path(args.out) / (f"engine-ref-v2-{'-'.join(presets)}-{dt.datetime.now().strftime('%Y%m%d-%H%M')}-"
-                                 f"{socket.gethostname().split('.')[0][:12]}.md")
+        path = Path(args.out) / f"{report_stem('-'.join(presets), kind='engine-ref-v2')}.md"
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text("\n".join(report) + "\n")
+        path.write_text("\n".join(report) + "\n", encoding="utf-8")
         print(f"wrote {path}")
     return 0
 

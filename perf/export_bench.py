@@ -18,8 +18,6 @@ prompts whose codes are identical (the export issue's check at real size).
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import json
 import shlex
 import statistics
 import sys
@@ -539,16 +537,10 @@ def render(res: Results, cfg: BenchConfig) -> str:
 
 
 def write_report(res: Results, cfg: BenchConfig) -> Path:
-    cfg.out.mkdir(parents=True, exist_ok=True)
-    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M")
-    host = "".join(c if c.isalnum() or c in "-_" else "-" for c in res.machine["host"])
-    path = cfg.out / f"export-bench-{stamp}-{host}.md"
-    text = render(res, cfg)
-    path.write_text(text, encoding="utf-8")
-    path.with_suffix(".json").write_text(json.dumps({"config": asdict(cfg), **asdict(res)}, indent=2, default=str),
-                                         encoding="utf-8")
-    print(text)
-    return path
+    from perf.report import report_stem, write_text_report
+
+    path = cfg.out / f"{report_stem('', res.machine, kind='export-bench')}.md"
+    return write_text_report(path, render(res, cfg), {"config": asdict(cfg), **asdict(res)})
 
 
 def _ints(s: str) -> tuple[int, ...]:

@@ -19,8 +19,6 @@ unverified (parity is the export's job). `--preset tiny-v2` checks the script in
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import json
 import shlex
 import sys
 import time
@@ -395,16 +393,10 @@ def render(res: ResultsV2, cfg: BenchConfigV2) -> str:
 
 
 def write_report(res: ResultsV2, cfg: BenchConfigV2) -> Path:
-    cfg.out.mkdir(parents=True, exist_ok=True)
-    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M")
-    host = "".join(c if c.isalnum() or c in "-_" else "-" for c in res.machine["host"])
-    path = cfg.out / f"export-bench-v2-{cfg.preset}-{stamp}-{host}.md"
-    text = render(res, cfg)
-    path.write_text(text, encoding="utf-8")
-    path.with_suffix(".json").write_text(json.dumps({"config": asdict(cfg), **asdict(res)}, indent=2, default=str),
-                                         encoding="utf-8")
-    print(text)
-    return path
+    from perf.report import report_stem, write_text_report
+
+    path = cfg.out / f"{report_stem(cfg.preset, res.machine, kind='export-bench-v2')}.md"
+    return write_text_report(path, render(res, cfg), {"config": asdict(cfg), **asdict(res)})
 
 
 def parse_args(argv: Sequence[str] | None = None) -> BenchConfigV2:

@@ -20,7 +20,7 @@ from typing import Any, Iterable, Sequence
 from engine_ref.errors import TTSError
 from perf.stats import ratio, sequential_throughput
 
-__all__ = ["PlottingUnavailable", "check_plotting", "report_stem", "Target", "targets", "render", "write_report",
+__all__ = ["PlottingUnavailable", "check_plotting", "report_stem", "write_text_report", "Target", "targets", "render", "write_report",
            "expected_rows", "to_plain"]
 
 
@@ -36,9 +36,23 @@ def check_plotting() -> None:
                                   "pip install 'matplotlib>=3.8,<4'") from None
 
 
-def report_stem(preset: str, machine: dict) -> str:
-    host = re.sub(r"[^A-Za-z0-9.-]+", "-", str(machine.get("host", "host")))[:40] or "host"
-    return f"bench-{preset}-{dt.datetime.now().strftime('%Y%m%d-%H%M')}-{host}"
+def report_stem(preset: str, machine: dict | None = None, kind: str = "bench") -> str:
+    """Every report's file name: <kind>-<preset>-<date>-<host> (preset may be empty), so perf/results sorts by kind."""
+    import socket
+
+    raw = (machine or {}).get("host") or socket.gethostname()
+    host = re.sub(r"[^A-Za-z0-9.-]+", "-", str(raw))[:40] or "host"
+    return "-".join(x for x in (kind, preset, dt.datetime.now().strftime("%Y%m%d-%H%M"), host) if x)
+
+
+def write_text_report(path: Path, text: str, data: Any = None) -> Path:
+    """The markdown at `path` (and `data` as JSON beside it, when given), echoed to stdout."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text, encoding="utf-8")
+    if data is not None:
+        path.with_suffix(".json").write_text(json.dumps(data, indent=2, default=str) + "\n", encoding="utf-8")
+    print(text)
+    return path
 
 
 def to_plain(obj: Any) -> Any:

@@ -28,8 +28,6 @@ perf/results/serve-bench-v2-<preset>-<date>-<host>.md (+ .json) with the machine
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import json
 import shlex
 import statistics
 import sys
@@ -323,17 +321,10 @@ def to_json(res: ServeBenchV2) -> dict:
 
 
 def write_report(res: ServeBenchV2, out_dir: Path, plan_note: str = "") -> Path:
-    import re
+    from perf.report import report_stem, write_text_report
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    host = re.sub(r"[^A-Za-z0-9.-]+", "-", str(res.machine.get("host", "host")))[:40] or "host"
-    stem = f"serve-bench-v2-{res.preset}-{dt.datetime.now().strftime('%Y%m%d-%H%M')}-{host}"
-    path = out_dir / f"{stem}.md"
-    text = render(res, plan_note)
-    path.write_text(text, encoding="utf-8")
-    path.with_suffix(".json").write_text(json.dumps(to_json(res), indent=2) + "\n", encoding="utf-8")
-    print(text)
-    return path
+    path = out_dir / f"{report_stem(res.preset, res.machine, kind='serve-bench-v2')}.md"
+    return write_text_report(path, render(res, plan_note), to_json(res))
 
 
 # ------------------------------------------------------------------------------------------------------ running
@@ -597,15 +588,10 @@ def render_comparison(new: ServeBenchV2, old: ServeBenchV2, reports: Sequence[Pa
 
 
 def write_comparison(new: ServeBenchV2, old: ServeBenchV2, out_dir: Path, reports: Sequence[Path] = ()) -> Path:
-    import re
+    from perf.report import report_stem, write_text_report
 
-    host = re.sub(r"[^A-Za-z0-9.-]+", "-", str(new.machine.get("host", "host")))[:40] or "host"
-    path = out_dir / (f"serve-bench-v2-compare-{new.preset}-vs-{old.preset}-"
-                      f"{dt.datetime.now().strftime('%Y%m%d-%H%M')}-{host}.md")
-    text = render_comparison(new, old, reports)
-    path.write_text(text, encoding="utf-8")
-    print(text)
-    return path
+    stem = report_stem(f"{new.preset}-vs-{old.preset}", new.machine, kind="serve-bench-v2-compare")
+    return write_text_report(out_dir / f"{stem}.md", render_comparison(new, old, reports))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -153,7 +153,7 @@ def _f(x, unit: str = "") -> str:
 def write_report(result: Result, machine, preset: str, out_dir: Path, command: str, reps: int) -> Path:
     from perf.report import report_stem
 
-    stem = report_stem(preset, machine).replace("bench-", "ttfa-", 1)
+    stem = report_stem(preset, machine, kind="ttfa")
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"{stem}.md"
     lines = [f"# Time to first audio ({preset}): chunked vs per-segment streaming", "",
