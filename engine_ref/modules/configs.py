@@ -18,8 +18,34 @@ class ConditionModuleConfig:
     perceiver_mult: int = 2
 
 
+class GPTTableSizes:
+    """Embedding-table sizes every UnifiedVoice generation derives the same way from its gpt: keys (a mixin for
+    the families' GPT configs, which must have max_mel_tokens, max_conditioning_inputs, max_text_tokens and
+    number_text_tokens)."""
+
+    max_mel_tokens: int
+    max_conditioning_inputs: int
+    max_text_tokens: int
+    number_text_tokens: int
+
+    @property
+    def mel_positions(self) -> int:
+        """Rows of mel_pos_embedding: max_mel_tokens + 2 + max_conditioning_inputs (1818 for IndexTTS2)."""
+        return self.max_mel_tokens + 2 + self.max_conditioning_inputs
+
+    @property
+    def text_positions(self) -> int:
+        """Rows of text_pos_embedding: max_text_tokens + 2 (602 for IndexTTS2)."""
+        return self.max_text_tokens + 2
+
+    @property
+    def text_vocab(self) -> int:
+        """Rows of text_embedding and text_head: number_text_tokens + 1 (12001 for IndexTTS2)."""
+        return self.number_text_tokens + 1
+
+
 @dataclass(frozen=True)
-class GPTConfig:
+class GPTConfig(GPTTableSizes):
     """The UnifiedVoice GPT-2 decoder and its embeddings (gpt:)."""
 
     model_dim: int
@@ -40,21 +66,6 @@ class GPTConfig:
     train_solo_embeddings: bool = False
     max_conditioning_inputs: int = 1
     condition_num_latent: int = 32
-
-    @property
-    def mel_positions(self) -> int:
-        """Rows of mel_pos_embedding: max_mel_tokens + 2 + max_conditioning_inputs (upstream layout)."""
-        return self.max_mel_tokens + 2 + self.max_conditioning_inputs
-
-    @property
-    def text_positions(self) -> int:
-        """Rows of text_pos_embedding: max_text_tokens + 2."""
-        return self.max_text_tokens + 2
-
-    @property
-    def text_vocab(self) -> int:
-        """Rows of text_embedding: number_text_tokens + 1."""
-        return self.number_text_tokens + 1
 
 
 @dataclass(frozen=True)

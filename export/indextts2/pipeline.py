@@ -99,21 +99,27 @@ def _assets(model, model_dir: Path, out_dir: Path) -> dict[str, str]:
               "emo_matrix": cfg.emo_matrix}
     for name in assets.values():
         shutil.copyfile(model_dir / name, out_dir / name)
+    np.save(out_dir / SPEED_EMB, model.gpt.speed_emb.weight.detach().float().numpy())
+    return {**assets, "feature_extractor": copy_feature_extractor(model, out_dir), "speed_emb": SPEED_EMB}
+
+
+def copy_feature_extractor(model, out_dir: Path) -> str:
+    """w2v-bert's preprocessor_config.json into the export (the served feature extractor reads it); its name."""
     extractor = out_dir / FEATURE_EXTRACTOR
     extractor.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(model.dependencies.w2v_bert_dir / "preprocessor_config.json", extractor)
-    np.save(out_dir / SPEED_EMB, model.gpt.speed_emb.weight.detach().float().numpy())
-    return {**assets, "feature_extractor": FEATURE_EXTRACTOR, "speed_emb": SPEED_EMB}
+    return FEATURE_EXTRACTOR
 
 
-def _model_section(model, model_dir: Path, hashes: dict[str, str], req: ExportRequest) -> dict:
+def model_section_v2(model, model_dir: Path, hashes: dict[str, str], req: ExportRequest, family: str) -> dict:
+    """The manifest's model section that 2.0 and 2.5 share (2.5 adds its language and duration keys)."""
     from engine_ref.indextts2.s2mel.cfm import DEFAULT_CFG_RATE, DEFAULT_STEPS
     from engine_ref.indextts2.synthesizer import INTERVAL_SILENCE_MS
 
     cfg = model.config
     spect = cfg.s2mel.preprocess_params.spect_params
     return {
-        "family": INDEXTTS2, "family_name": FAMILY_NAMES[INDEXTTS2], "version": cfg.version,
+        "family": family, "family_name": FAMILY_NAMES[family], "version": cfg.version,
         "source_dir": str(model_dir), "source_sha256": hashes, "request": _request_fingerprint(req),
         "sampling_rate": cfg.sample_rate, "samples_per_frame": spect.hop_length, "mel_bins": spect.n_mels,
         "ref_mel": {"n_fft": spect.n_fft, "win_length": spect.win_length, "hop_length": spect.hop_length,
@@ -121,6 +127,12 @@ def _model_section(model, model_dir: Path, hashes: dict[str, str], req: ExportRe
         "cond_rows": cfg.gpt.cond_rows, "model_dim": cfg.gpt.model_dim, "feature_dim": cfg.semantic_dim,
         "emo_num": list(cfg.emo_num), "diffusion_steps": DEFAULT_STEPS, "cfg_rate": DEFAULT_CFG_RATE,
         "interval_silence_ms": INTERVAL_SILENCE_MS, "qwen_emotion_dir": str(model_dir / cfg.qwen_emo_path),
+    }
+
+
+def _model_section(model, model_dir: Path, hashes: dict[str, str], req: ExportRequest) -> dict:
+    return {
+        **model_section_v2(model, model_dir, hashes, req, INDEXTTS2),
         "in_python": ["SeamlessM4T feature extractor", "kaldi fbank (CAMPPlus input)", "22.05 kHz reference mel",
                       "emotion-vector mix (feat1/feat2)", "Qwen text emotion", "Euler loop + CFG combination"],
     }

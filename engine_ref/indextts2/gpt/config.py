@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Mapping
 
 from engine_ref.errors import ConfigError
+from engine_ref.modules.configs import GPTTableSizes
 from engine_ref.modules.conformer import ConditionModuleConfig
 from engine_ref.typed_config import build_dataclass
 
@@ -20,7 +21,7 @@ SPEED_ROWS = 2
 
 
 @dataclass(frozen=True)
-class GPTv2Config:
+class GPTv2Config(GPTTableSizes):
     """UnifiedVoice v2: GPT-2 decoder, speaker and emotion conditioners (config.yaml `gpt:`)."""
 
     model_dim: int
@@ -43,21 +44,6 @@ class GPTv2Config:
     condition_num_latent: int = 32
     feature_dim: int = 1024  # not a config.yaml key: upstream hard-codes the w2v-bert width
     emo_latent_dim: int = 1024  # not a config.yaml key: upstream hard-codes the emotion latent width
-
-    @property
-    def mel_positions(self) -> int:
-        """Rows of mel_pos_embedding: max_mel_tokens + 2 + max_conditioning_inputs (1818 for IndexTTS2)."""
-        return self.max_mel_tokens + 2 + self.max_conditioning_inputs
-
-    @property
-    def text_positions(self) -> int:
-        """Rows of text_pos_embedding: max_text_tokens + 2 (602)."""
-        return self.max_text_tokens + 2
-
-    @property
-    def text_vocab(self) -> int:
-        """Rows of text_embedding and text_head: number_text_tokens + 1 (12001)."""
-        return self.number_text_tokens + 1
 
     @property
     def cond_rows(self) -> int:

@@ -27,10 +27,10 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from engine_ref.families import FAMILY_NAMES, INDEXTTS2_5
-from export.indextts2.pipeline import FEATURE_EXTRACTOR, FamilyExport, run_family_export
+from engine_ref.families import INDEXTTS2_5
+from export.indextts2.pipeline import FamilyExport, copy_feature_extractor, model_section_v2, run_family_export
 from export.manifest import Manifest
-from export.pipeline import ExportRequest, _request_fingerprint
+from export.pipeline import ExportRequest
 
 #: component group -> (module under export.indextts2, the function that exports it)
 GROUPS_V25: dict[str, tuple[str, str]] = {
@@ -86,29 +86,15 @@ def _assets(model, model_dir: Path, out_dir: Path) -> dict[str, str]:
               "emo_matrix": Path(cfg.emo_matrix).name}
     for name in assets.values():
         shutil.copyfile(local_file(model_dir, name), out_dir / name)
-    extractor = out_dir / FEATURE_EXTRACTOR
-    extractor.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(model.dependencies.w2v_bert_dir / "preprocessor_config.json", extractor)
-    return {**assets, "feature_extractor": FEATURE_EXTRACTOR}
+    return {**assets, "feature_extractor": copy_feature_extractor(model, out_dir)}
 
 
 def _model_section(model, model_dir: Path, hashes: dict[str, str], req: ExportRequest) -> dict:
-    from engine_ref.indextts2.s2mel.cfm import DEFAULT_CFG_RATE, DEFAULT_STEPS
-    from engine_ref.indextts2.synthesizer import INTERVAL_SILENCE_MS
     from engine_ref.indextts2.v25.languages import SUPPORTED_LANGUAGES
     from engine_ref.indextts2.v25.s2mel import DURATION_FACTOR_RANGE, MEL_FRAMES_PER_SEMANTIC_FRAME
 
-    cfg = model.config
-    spect = cfg.s2mel.preprocess_params.spect_params
     return {
-        "family": INDEXTTS2_5, "family_name": FAMILY_NAMES[INDEXTTS2_5], "version": cfg.version,
-        "source_dir": str(model_dir), "source_sha256": hashes, "request": _request_fingerprint(req),
-        "sampling_rate": cfg.sample_rate, "samples_per_frame": spect.hop_length, "mel_bins": spect.n_mels,
-        "ref_mel": {"n_fft": spect.n_fft, "win_length": spect.win_length, "hop_length": spect.hop_length,
-                    "fmin": spect.fmin, "fmax": spect.fmax},
-        "cond_rows": cfg.gpt.cond_rows, "model_dim": cfg.gpt.model_dim, "feature_dim": cfg.semantic_dim,
-        "emo_num": list(cfg.emo_num), "diffusion_steps": DEFAULT_STEPS, "cfg_rate": DEFAULT_CFG_RATE,
-        "interval_silence_ms": INTERVAL_SILENCE_MS, "qwen_emotion_dir": str(model_dir / cfg.qwen_emo_path),
+        **model_section_v2(model, model_dir, hashes, req, INDEXTTS2_5),
         "languages": list(SUPPORTED_LANGUAGES), "duration_factor_range": list(DURATION_FACTOR_RANGE),
         "mel_frames_per_semantic_frame": MEL_FRAMES_PER_SEMANTIC_FRAME,
         "in_python": ["tiktoken text front end (language tag, annotations, token-budget segmenter)",
