@@ -66,6 +66,27 @@ def check_against_layout(
             )
 
 
+def checked_float32(state: Mapping, layout: Mapping, source: str, what: str, fix: str,
+                    floats_only: bool = False) -> dict[str, torch.Tensor]:
+    """`state` with exactly `layout`'s keys (values with a `.shape`, or shapes) and shapes, floats cast to fp32;
+    a CheckpointError naming the missing / unexpected keys or the first wrong shape otherwise (a dependency's
+    loader: `what` names the architecture, `fix` the file to use). `floats_only`: integer tensors are cast too."""
+    missing = sorted(set(layout) - set(state))
+    unexpected = sorted(set(state) - set(layout))
+    if missing or unexpected:
+        parts = [f"missing {len(missing)}: {', '.join(missing[:_MAX_NAMES])}"] if missing else []
+        parts += [f"unexpected {len(unexpected)}: {', '.join(unexpected[:_MAX_NAMES])}"] if unexpected else []
+        raise CheckpointError(f"{source} keys do not match {what} ({'; '.join(parts)})", fix)
+    out: dict[str, torch.Tensor] = {}
+    for key, spec in layout.items():
+        t, shape = state[key], tuple(getattr(spec, "shape", spec))
+        if not isinstance(t, torch.Tensor) or tuple(t.shape) != shape:
+            found = list(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+            raise CheckpointError(f"{source}: '{key}' has shape {found}, expected {list(shape)}", fix)
+        out[key] = t.to(torch.float32) if floats_only or t.is_floating_point() else t
+    return out
+
+
 def to_float32(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Official files may store fp16/bf16 tensors; the reference engine computes in fp32."""
     return {k: (v.float() if v.is_floating_point() else v) for k, v in state.items()}

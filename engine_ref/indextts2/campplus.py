@@ -29,8 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine_ref.checkpoint import read_checkpoint
-from engine_ref.errors import CheckpointError, InputError
+from engine_ref.checkpoint import checked_float32, read_checkpoint
+from engine_ref.errors import InputError
 from engine_ref.layout import Layout, TensorSpec
 
 __all__ = ["CAMPPlus", "campplus_layout", "load_campplus", "load_campplus_state", "campplus_style",
@@ -385,23 +385,7 @@ def load_campplus_state(module: CAMPPlus, state: dict, source: str = "CAMPPlus c
     """Check `state` against the published layout (names, shapes), cast floats to fp32, load strictly."""
     layout = campplus_layout()
     fix = "use funasr/campplus campplus_cn_common.bin (a plain CAMPPlus(80, 192) state dict)"
-    missing = sorted(set(layout) - set(state))
-    unexpected = sorted(set(state) - set(layout))
-    if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"missing {len(missing)}: {', '.join(missing[:5])}")
-        if unexpected:
-            parts.append(f"unexpected {len(unexpected)}: {', '.join(unexpected[:5])}")
-        raise CheckpointError(f"{source} keys do not match CAMPPlus ({'; '.join(parts)})", fix)
-    converted = {}
-    for key, spec in layout.items():
-        t = state[key]
-        if not isinstance(t, torch.Tensor) or tuple(t.shape) != tuple(spec.shape):
-            found = list(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
-            raise CheckpointError(f"{source}: '{key}' is {found}, expected shape {list(spec.shape)}", fix)
-        converted[key] = t.to(torch.float32) if t.is_floating_point() else t
-    module.load_state_dict(converted, strict=True)
+    module.load_state_dict(checked_float32(state, layout, source, "CAMPPlus", fix), strict=True)
     return module
 
 

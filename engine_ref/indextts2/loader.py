@@ -130,6 +130,22 @@ def resolve_model_dir(ref: str | os.PathLike, cache_dir: str | os.PathLike | Non
     return resolve_model(ref, cache_dir=cache_dir)
 
 
+
+def reference_parts(cfg: IndexTTS2Config, spk_matrix: Path, emo_matrix: Path, timed) -> tuple:
+    """(emotion bank, 22.05 kHz reference mel, CAMPPlus fbank): what 2.0 and 2.5 build alike from config.yaml;
+    the bank's widths are checked against the GPT (a ConfigError names the files otherwise)."""
+    bank = timed("emotion_bank", lambda: load_emotion_bank(spk_matrix, emo_matrix, cfg.emo_num))
+    if bank.emotion_rows[0].shape[1] != cfg.gpt.model_dim or bank.speaker_rows[0].shape[1] != EMBEDDING_SIZE:
+        raise ConfigError(
+            f"{cfg.spk_matrix}/{cfg.emo_matrix} rows are {bank.speaker_rows[0].shape[1]}/"
+            f"{bank.emotion_rows[0].shape[1]} wide; the model needs {EMBEDDING_SIZE}/{cfg.gpt.model_dim}",
+            "use the feat1.pt and feat2.pt released with this gpt.pth")
+    spect = cfg.s2mel.preprocess_params.spect_params
+    ref_mel = ReferenceMel22k(sample_rate=cfg.sample_rate, n_fft=spect.n_fft, hop_length=spect.hop_length,
+                              win_length=spect.win_length, n_mels=spect.n_mels, f_min=float(spect.fmin),
+                              f_max=upstream_fmax({"fmax": spect.fmax}))
+    return bank, ref_mel.eval(), KaldiFbank(sample_rate=16000.0, num_mel_bins=80)
+
 def load_v2_model(
     ref: str | os.PathLike,
     *,
@@ -170,20 +186,9 @@ def load_v2_model(
     frontend = timed("text", lambda: TextFrontend(
         model_dir / cfg.bpe_model, start_text_token=cfg.gpt.start_text_token,
         stop_text_token=cfg.gpt.stop_text_token, number_text_tokens=cfg.gpt.number_text_tokens))
-    bank = timed("emotion_bank", lambda: load_emotion_bank(model_dir / cfg.spk_matrix, model_dir / cfg.emo_matrix,
-                                                           cfg.emo_num))
-    if bank.emotion_rows[0].shape[1] != cfg.gpt.model_dim or bank.speaker_rows[0].shape[1] != EMBEDDING_SIZE:
-        raise ConfigError(
-            f"{cfg.spk_matrix}/{cfg.emo_matrix} rows are {bank.speaker_rows[0].shape[1]}/"
-            f"{bank.emotion_rows[0].shape[1]} wide; the model needs {EMBEDDING_SIZE}/{cfg.gpt.model_dim}",
-            "use the feat1.pt and feat2.pt released with this gpt.pth")
-    spect = cfg.s2mel.preprocess_params.spect_params
-    ref_mel = ReferenceMel22k(sample_rate=cfg.sample_rate, n_fft=spect.n_fft, hop_length=spect.hop_length,
-                              win_length=spect.win_length, n_mels=spect.n_mels, f_min=float(spect.fmin),
-                              f_max=upstream_fmax({"fmax": spect.fmax}))
-    fbank = KaldiFbank(sample_rate=16000.0, num_mel_bins=80)
+    bank, ref_mel, fbank = reference_parts(cfg, model_dir / cfg.spk_matrix, model_dir / cfg.emo_matrix, timed)
     qwen = QwenEmotion(model_dir / cfg.qwen_emo_path)
-    loaded = LoadedV2(model_dir, cfg, deps, frontend, semantic, codec, campplus, fbank, ref_mel.eval(), gpt, s2mel,
+    loaded = LoadedV2(model_dir, cfg, deps, frontend, semantic, codec, campplus, fbank, ref_mel, gpt, s2mel,
                       vocoder, bank, qwen, times)
     log.info("loaded IndexTTS2 %s in %.1f s (%s)", model_dir, loaded.total_load_seconds,
              ", ".join(f"{k} {v:.2f} s" for k, v in times.items()))

@@ -34,7 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine_ref.errors import CheckpointError, ConfigError, InputError, ModelFilesError
+from engine_ref.checkpoint import checked_float32
+from engine_ref.errors import ConfigError, InputError, ModelFilesError
 from engine_ref.layout import Layout, TensorSpec
 from engine_ref.modules.bigvgan import fold_weight_norm
 from engine_ref.typed_config import build_dataclass
@@ -262,21 +263,7 @@ def load_semantic_codec_state(module: SemanticCodec, state: dict, source: str = 
     layout = codec_layout(module.cfg)
     fix = ("use amphion/MaskGCT semantic_codec/model.safetensors with the config.yaml semantic_codec section "
            "it was released with")
-    missing = sorted(set(layout) - set(state))
-    unexpected = sorted(set(state) - set(layout))
-    if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"missing {len(missing)}: {', '.join(missing[:5])}")
-        if unexpected:
-            parts.append(f"unexpected {len(unexpected)}: {', '.join(unexpected[:5])}")
-        raise CheckpointError(f"{source} keys do not match the architecture ({'; '.join(parts)})", fix)
-    converted = {}
-    for key, spec in layout.items():
-        t = state[key]
-        if tuple(t.shape) != tuple(spec.shape):
-            raise CheckpointError(f"{source}: '{key}' has shape {list(t.shape)}, expected {list(spec.shape)}", fix)
-        converted[key] = t.to(torch.float32)
+    converted = checked_float32(state, layout, source, "the architecture", fix, floats_only=True)
     module.load_state_dict(fold_weight_norm(converted), strict=True)
     return module
 

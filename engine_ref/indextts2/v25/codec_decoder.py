@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine_ref.checkpoint import read_checkpoint
+from engine_ref.checkpoint import checked_float32, read_checkpoint
 from engine_ref.errors import CheckpointError, ConfigError, InputError
 from engine_ref.indextts2.semantic_codec import (
     ResidualVQ,
@@ -129,22 +129,7 @@ def load_codec25_state(module: Codec25, raw: object, source: str = CODEC_FILE) -
     state = _state(raw, source)
     layout = codec25_layout(module.cfg)
     fix = "use the codec.pth released with IndexTTS-2.5 and the config.yaml semantic_codec section it came with"
-    missing = sorted(set(layout) - set(state))
-    unexpected = sorted(set(state) - set(layout))
-    if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"missing {len(missing)}: {', '.join(missing[:5])}")
-        if unexpected:
-            parts.append(f"unexpected {len(unexpected)}: {', '.join(unexpected[:5])}")
-        raise CheckpointError(f"{source} keys do not match the 2.5 codec ({'; '.join(parts)})", fix)
-    converted = {}
-    for key, spec in layout.items():
-        t = state[key]
-        if not isinstance(t, torch.Tensor) or tuple(t.shape) != tuple(spec.shape):
-            found = list(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
-            raise CheckpointError(f"{source}: '{key}' has shape {found}, expected {list(spec.shape)}", fix)
-        converted[key] = t.to(torch.float32)
+    converted = checked_float32(state, layout, source, "the 2.5 codec", fix, floats_only=True)
     with torch.inference_mode(False):
         module.load_state_dict(fold_weight_norm(converted), strict=True)
     return module

@@ -18,16 +18,16 @@ from pathlib import Path
 
 import torch
 
-from engine_ref.errors import ConfigError, ModelFilesError
+from engine_ref.errors import ModelFilesError
 from engine_ref.families import FAMILY_NAMES, INDEXTTS2_5, detect_family
-from engine_ref.indextts2.campplus import EMBEDDING_SIZE, CAMPPlus, load_campplus
+from engine_ref.indextts2.campplus import CAMPPlus, load_campplus
 from engine_ref.indextts2.config import IndexTTS2Config, load_v2_config
-from engine_ref.indextts2.emotion import EmotionBank, load_emotion_bank
+from engine_ref.indextts2.emotion import EmotionBank
 from engine_ref.indextts2.fbank import KaldiFbank
 from engine_ref.indextts2.features import SemanticFrontEnd
 from engine_ref.indextts2.hub import ResolvedDeps
-from engine_ref.indextts2.loader import check_component_widths, resolve_model_dir
-from engine_ref.indextts2.mel22k import ReferenceMel22k, upstream_fmax
+from engine_ref.indextts2.loader import check_component_widths, reference_parts, resolve_model_dir
+from engine_ref.indextts2.mel22k import ReferenceMel22k
 from engine_ref.indextts2.qwen_emotion import QwenEmotion
 from engine_ref.indextts2.s2mel import S2Mel, load_s2mel
 from engine_ref.indextts2.v25.codec_decoder import CODEC_FILE, Codec25, load_codec25
@@ -112,20 +112,10 @@ def load_v25_model(ref: str | os.PathLike, *, cache_dir: str | os.PathLike | Non
     frontend = timed("text", lambda: TextFrontendV25(
         model_dir / VOCAB_FILE, number_text_tokens=cfg.gpt.number_text_tokens, text_positions=cfg.gpt.text_positions,
         start_text_token=cfg.gpt.start_text_token, stop_text_token=cfg.gpt.stop_text_token))
-    bank = timed("emotion_bank", lambda: load_emotion_bank(local_file(model_dir, cfg.spk_matrix),
-                                                           local_file(model_dir, cfg.emo_matrix), cfg.emo_num))
-    if bank.emotion_rows[0].shape[1] != cfg.gpt.model_dim or bank.speaker_rows[0].shape[1] != EMBEDDING_SIZE:
-        raise ConfigError(
-            f"{cfg.spk_matrix}/{cfg.emo_matrix} rows are {bank.speaker_rows[0].shape[1]}/"
-            f"{bank.emotion_rows[0].shape[1]} wide; the model needs {EMBEDDING_SIZE}/{cfg.gpt.model_dim}",
-            "use the feat1.pt and feat2.pt released with this gpt.pth")
-    spect = cfg.s2mel.preprocess_params.spect_params
-    ref_mel = ReferenceMel22k(sample_rate=cfg.sample_rate, n_fft=spect.n_fft, hop_length=spect.hop_length,
-                              win_length=spect.win_length, n_mels=spect.n_mels, f_min=float(spect.fmin),
-                              f_max=upstream_fmax({"fmax": spect.fmax}))
-    fbank = KaldiFbank(sample_rate=16000.0, num_mel_bins=80)
+    bank, ref_mel, fbank = reference_parts(cfg, local_file(model_dir, cfg.spk_matrix),
+                                           local_file(model_dir, cfg.emo_matrix), timed)
     qwen = QwenEmotion(local_file(model_dir, cfg.qwen_emo_path))
-    loaded = LoadedV25(model_dir, cfg, deps, frontend, semantic, codec, campplus, fbank, ref_mel.eval(), gpt, s2mel,
+    loaded = LoadedV25(model_dir, cfg, deps, frontend, semantic, codec, campplus, fbank, ref_mel, gpt, s2mel,
                        vocoder, bank, qwen, times)
     log.info("loaded IndexTTS-2.5 %s in %.1f s (%s)", model_dir, loaded.total_load_seconds,
              ", ".join(f"{k} {v:.2f} s" for k, v in times.items()))
