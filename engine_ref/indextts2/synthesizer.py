@@ -32,7 +32,7 @@ import secrets
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable, Iterator, Sequence, Union
+from typing import Any, Callable, Iterator, Sequence, Union
 
 import numpy as np
 import torch
@@ -268,16 +268,21 @@ class Synthesizer2:
             emovec = self.model.gpt.get_emovec(feats)
         return EmotionReference(key, feats, emovec, clip.seconds, clip.trimmed)
 
+    def _cached(self, reference, built: type, cache, what: str) -> tuple[Any, bytes, str]:
+        """(the built reference or its cache entry, else None; the audio bytes; their cache key) for a reference
+        given as audio (bytes or path) or as an already-built `built`."""
+        if isinstance(reference, built):
+            return reference, b"", ""
+        data = _read_bytes(reference, what)
+        key = self._cache_key(data)
+        return cache.get(key), data, key
+
     def speaker(self, reference: AudioInput | SpeakerV2, timings: TimingsV2 | None = None) -> tuple[SpeakerV2, bool]:
         """Conditioning for a speaker reference (bytes or path); returns (speaker, cache_hit)."""
-        if isinstance(reference, SpeakerV2):
-            return reference, True
-        timings = timings if timings is not None else TimingsV2()
-        data = _read_bytes(reference, "speaker reference audio")
-        key = self._cache_key(data)
-        hit = self._speakers.get(key)
+        hit, data, key = self._cached(reference, SpeakerV2, self._speakers, "speaker reference audio")
         if hit is not None:
             return hit, True
+        timings = timings if timings is not None else TimingsV2()
         m = self.model
         audio = load_speaker_audio(data, cut_seconds=self.max_reference_seconds)
         a16, a22 = audio.audio_16k.samples, audio.audio_22k.samples
@@ -303,14 +308,10 @@ class Synthesizer2:
     def emotion_reference(self, reference: AudioInput | EmotionReference,
                           timings: TimingsV2 | None = None) -> tuple[EmotionReference, bool]:
         """An emotion reference (bytes or path) on the 16 kHz emotion path; returns (reference, cache_hit)."""
-        if isinstance(reference, EmotionReference):
-            return reference, True
-        timings = timings if timings is not None else TimingsV2()
-        data = _read_bytes(reference, "emotion reference audio")
-        key = self._cache_key(data)
-        hit = self._emotions.get(key)
+        hit, data, key = self._cached(reference, EmotionReference, self._emotions, "emotion reference audio")
         if hit is not None:
             return hit, True
+        timings = timings if timings is not None else TimingsV2()
         ref = self._emotion_from_bytes(data, key, timings)
         self._emotions.put(key, ref)
         return ref, False
