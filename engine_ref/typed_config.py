@@ -81,3 +81,24 @@ def build_dataclass(cls: type, data: dict, prefix: str) -> Any:
             continue
         kwargs[f.name] = coerce_value(data[f.name], hints[f.name], key)
     return cls(**kwargs)
+
+
+def read_yaml(path, missing_fix: str) -> Any:
+    """A config.yaml's mapping; a missing, unreadable or malformed file is a ConfigError naming it (`missing_fix`:
+    what to do when it does not exist)."""
+    import yaml
+    from pathlib import Path
+
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path} does not exist", missing_fix) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read {path}: {exc}", "re-download config.yaml") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        line = getattr(getattr(exc, "problem_mark", None), "line", None)
+        where = f" at line {line + 1}" if line is not None else ""
+        raise ConfigError(f"{path} is not valid YAML{where}", "re-download config.yaml or fix the syntax") from None

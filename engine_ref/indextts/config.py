@@ -16,7 +16,7 @@ import yaml
 
 from engine_ref.errors import ConfigError
 from engine_ref.modules.configs import BigVGANConfig, ConditionModuleConfig, GPTConfig  # noqa: F401
-from engine_ref.typed_config import build_dataclass, coerce_value
+from engine_ref.typed_config import coerce_value, read_yaml
 
 # Versions whose architecture this engine implements (v1.0 has no `version` key).
 SUPPORTED_VERSIONS = ("1.0", "1.5")
@@ -117,19 +117,7 @@ def parse_config(data: Any, source: str = "config.yaml") -> ModelConfig:
 
 def load_config(path: str | Path) -> ModelConfig:
     """Read and validate config.yaml; every failure is a `ConfigError` naming the file."""
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError(f"{path} does not exist", "point --model at a directory holding config.yaml") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"cannot read {path}: {exc}", "re-download config.yaml") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        line = getattr(getattr(exc, "problem_mark", None), "line", None)
-        where = f" at line {line + 1}" if line is not None else ""
-        raise ConfigError(f"{path} is not valid YAML{where}", "re-download config.yaml or fix the syntax") from None
+    data = read_yaml(path, "point --model at a directory holding config.yaml")
     return parse_config(data, source=str(path))
 
 

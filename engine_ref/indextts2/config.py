@@ -29,14 +29,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
 
 from engine_ref.errors import ConfigError
 from engine_ref.indextts2.emotion import EMOTIONS
 from engine_ref.indextts2.gpt.config import GPTv2Config, parse_gpt_v2
 from engine_ref.indextts2.s2mel.config import S2MelConfig, parse_s2mel_config
 from engine_ref.indextts2.semantic_codec import SemanticCodecConfig, parse_semantic_codec_config
-from engine_ref.typed_config import build_dataclass, coerce_value
+from engine_ref.typed_config import build_dataclass, coerce_value, read_yaml
 
 __all__ = ["IndexTTS2Config", "DatasetSection", "VocoderSection", "parse_v2_config", "load_v2_config",
            "v2_config_to_mapping", "SUPPORTED_V2_VERSIONS", "is_v1_config"]
@@ -223,19 +222,7 @@ def load_v2_config(path: str | Path, family: str | None = None) -> IndexTTS2Conf
     """Read and validate an IndexTTS2 config.yaml; every failure is a ConfigError naming the file or key.
 
     family: see `parse_v2_config` (None: IndexTTS-2)."""
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError(f"{path} does not exist", "point --model at the IndexTTS-2 checkpoint directory") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"cannot read {path}: {exc}", "re-download config.yaml") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        line = getattr(getattr(exc, "problem_mark", None), "line", None)
-        where = f" at line {line + 1}" if line is not None else ""
-        raise ConfigError(f"{path} is not valid YAML{where}", "re-download config.yaml or fix the syntax") from None
+    data = read_yaml(path, "point --model at the IndexTTS-2 checkpoint directory")
     return parse_v2_config(data, source=str(path), family=family)
 
 
