@@ -29,7 +29,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-
 from engine_ref.errors import ConfigError
 from engine_ref.indextts2.emotion import EMOTIONS
 from engine_ref.indextts2.gpt.config import GPTv2Config, parse_gpt_v2
