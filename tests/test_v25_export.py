@@ -31,17 +31,11 @@ from export.pipeline import ExportRequest, run_export
 from export.runtime import OrtDecoder
 from export.tensorrt import PlanOptions, resolve_profiles
 from triton_tts.cli import main as cli
+from tests.test_v25_engine import TEXTS  # one sentence per language, shared by the 2.5 tests
 
 KEYS = ("semantic_encoder", "campplus", "speaker_projection", "emotion_conditioner", "gpt_prefill", "gpt_decode",
         "codec_decoder", "s2mel_prompt", "s2mel_cond", "cfm_estimator", "vocoder")
 LANGS = ("zh", "en", "ja", "es", "ar")
-TEXTS = {
-    "zh": "你好，欢迎使用语音合成系统。今天天气很好！",
-    "en": "Hello world, this is a test of the speech system.",
-    "ja": "こんにちは、今日はいい天気ですね。音声合成のテストをします。",
-    "es": "Hola mundo, esto es una prueba del sistema de voz.",
-    "ar": "مرحبا بالعالم، هذا اختبار لنظام تحويل النص إلى كلام.",
-}
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

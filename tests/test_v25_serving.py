@@ -28,14 +28,8 @@ from model_repository import contract as c
 from model_repository.builder import RepoOptions, build_repository
 from model_repository.server import ServerConfig, TritonServer, free_port
 from tests.test_v2_serving import Reply, _close, _inputs, _wait_for, metrics, stream
+from tests.test_v25_engine import TEXTS  # one sentence per language, shared by the 2.5 tests
 
-TEXTS = {
-    "zh": "你好，欢迎使用语音合成系统。今天天气很好！",
-    "en": "Hello world, this is a test of the speech system.",
-    "ja": "こんにちは、今日はいい天気ですね。音声合成のテストをします。",
-    "es": "Hola mundo, esto es una prueba del sistema de voz.",
-    "ar": "مرحبا بالعالم، هذا اختبار لنظام تحويل النص إلى كلام.",
-}
 SEG = 20  # MAX_TEXT_TOKENS_PER_SEGMENT: Japanese splits in two, the others stay one segment
 GREEDY = {"do_sample": False, "num_beams": 1, "seed": 5}
 SAMPLES_PER_FRAME = 256
