@@ -203,6 +203,16 @@ class _Clock:
         setattr(self.timings, attr, getattr(self.timings, attr) + time.perf_counter() - self.t0)
 
 
+def lookup_reference(reference, built: type, cache, what: str, key_of: Callable[[bytes], str]) -> tuple[Any, bytes, str]:
+    """(the built reference or its cache entry, else None; the audio bytes; their cache key) for a reference given
+    as audio (bytes or path) or as an already-built `built`: the lookup engine_ref and the ONNX runtime share."""
+    if isinstance(reference, built):
+        return reference, b"", ""
+    data = _read_bytes(reference, what)
+    key = key_of(data)
+    return cache.get(key), data, key
+
+
 class Synthesizer2:
     """IndexTTS2 end to end; the same method names as the 1.x `engine_ref.indextts.synthesizer.Synthesizer`.
 
@@ -268,18 +278,10 @@ class Synthesizer2:
             emovec = self.model.gpt.get_emovec(feats)
         return EmotionReference(key, feats, emovec, clip.seconds, clip.trimmed)
 
-    def _cached(self, reference, built: type, cache, what: str) -> tuple[Any, bytes, str]:
-        """(the built reference or its cache entry, else None; the audio bytes; their cache key) for a reference
-        given as audio (bytes or path) or as an already-built `built`."""
-        if isinstance(reference, built):
-            return reference, b"", ""
-        data = _read_bytes(reference, what)
-        key = self._cache_key(data)
-        return cache.get(key), data, key
-
     def speaker(self, reference: AudioInput | SpeakerV2, timings: TimingsV2 | None = None) -> tuple[SpeakerV2, bool]:
         """Conditioning for a speaker reference (bytes or path); returns (speaker, cache_hit)."""
-        hit, data, key = self._cached(reference, SpeakerV2, self._speakers, "speaker reference audio")
+        hit, data, key = lookup_reference(reference, SpeakerV2, self._speakers, "speaker reference audio",
+                                          self._cache_key)
         if hit is not None:
             return hit, True
         timings = timings if timings is not None else TimingsV2()
@@ -308,7 +310,8 @@ class Synthesizer2:
     def emotion_reference(self, reference: AudioInput | EmotionReference,
                           timings: TimingsV2 | None = None) -> tuple[EmotionReference, bool]:
         """An emotion reference (bytes or path) on the 16 kHz emotion path; returns (reference, cache_hit)."""
-        hit, data, key = self._cached(reference, EmotionReference, self._emotions, "emotion reference audio")
+        hit, data, key = lookup_reference(reference, EmotionReference, self._emotions, "emotion reference audio",
+                                          self._cache_key)
         if hit is not None:
             return hit, True
         timings = timings if timings is not None else TimingsV2()

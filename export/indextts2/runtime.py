@@ -40,7 +40,7 @@ from engine_ref.indextts2.s2mel import euler_schedule, euler_step, prompt_inputs
 from engine_ref.indextts2.s2mel.cfm import DEFAULT_CFG_RATE, DEFAULT_STEPS
 from engine_ref.indextts2.synthesizer import (
     _NOISE_SALT, INTERVAL_SILENCE_MS, Conditioning, EmotionOptions, EmotionReference, NoiseFn, SpeakerV2, TimingsV2,
-    _read_bytes,
+    lookup_reference,
 )
 from engine_ref.params import segment_seed
 from engine_ref.sampling import GenerationParams
@@ -190,11 +190,7 @@ class OrtIndexTTS2:
         """A speaker reference (bytes or path) -> engine_ref's SpeakerV2, every network an exported graph."""
         from engine_ref.indextts2.reference import load_speaker_audio
 
-        if isinstance(reference, SpeakerV2):
-            return reference
-        data = _read_bytes(reference, "speaker reference audio")
-        key = self._key(data)
-        hit = self._speakers.get(key)
+        hit, data, key = lookup_reference(reference, SpeakerV2, self._speakers, "speaker reference audio", self._key)
         if hit is not None:
             return hit
         audio = load_speaker_audio(data, cut_seconds=self.max_reference_seconds)
@@ -216,11 +212,8 @@ class OrtIndexTTS2:
         return speaker
 
     def emotion_reference(self, reference) -> EmotionReference:
-        if isinstance(reference, EmotionReference):
-            return reference
-        data = _read_bytes(reference, "emotion reference audio")
-        key = self._key(data)
-        hit = self._emotions.get(key)
+        hit, data, key = lookup_reference(reference, EmotionReference, self._emotions, "emotion reference audio",
+                                          self._key)
         if hit is None:
             hit = self._emotion_from_bytes(data, key)
             self._emotions.put(key, hit)

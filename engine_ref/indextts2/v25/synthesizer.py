@@ -27,7 +27,7 @@ from engine_ref.indextts2.reference import HEAD_CUT_SECONDS, load_speaker_audio
 from engine_ref.indextts2.s2mel.cfm import DEFAULT_CFG_RATE, DEFAULT_STEPS
 from engine_ref.indextts2.synthesizer import (
     INTERVAL_SILENCE_MS, AudioInput, Conditioning, EmotionOptions, EmotionReference, NoiseFn, Synthesizer2,
-    TimingsV2, _Clock,
+    TimingsV2, _Clock, lookup_reference,
 )
 from engine_ref.indextts2.v25.generate import generate_codes_v25
 from engine_ref.indextts2.v25.languages import check_language
@@ -94,7 +94,8 @@ class Synthesizer25(Synthesizer2):
     def speaker(self, reference: AudioInput | SpeakerV25,  # type: ignore[override]
                 timings: TimingsV2 | None = None) -> tuple[SpeakerV25, bool]:
         """Conditioning for a speaker reference (bytes or path); returns (speaker, cache_hit)."""
-        hit, data, key = self._cached(reference, SpeakerV25, self._speakers, "speaker reference audio")
+        hit, data, key = lookup_reference(reference, SpeakerV25, self._speakers, "speaker reference audio",
+                                          self._cache_key)
         if hit is not None:
             return hit, True
         timings = timings if timings is not None else TimingsV2()

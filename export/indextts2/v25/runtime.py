@@ -25,7 +25,7 @@ import torch
 from engine_ref.families import INDEXTTS2_5
 from engine_ref.generate import generation_ids
 from engine_ref.indextts2.gpt.generate import check_text_lengths
-from engine_ref.indextts2.synthesizer import EmotionOptions, NoiseFn, TimingsV2, _read_bytes
+from engine_ref.indextts2.synthesizer import EmotionOptions, NoiseFn, TimingsV2, lookup_reference
 from engine_ref.indextts2.v25.generate import V25_GENERATION_DEFAULTS
 from engine_ref.indextts2.v25.gpt import ZERO_ROWS, tag_text_ids
 from engine_ref.indextts2.v25.s2mel import target_mel_frames_v25
@@ -100,13 +100,9 @@ class OrtIndexTTS25(OrtIndexTTS2):
         """A speaker reference (bytes or path) -> engine_ref's SpeakerV25, every network an exported graph."""
         from engine_ref.indextts2.reference import load_speaker_audio
 
-        if isinstance(reference, SpeakerV25):
-            return reference
-        data = _read_bytes(reference, "speaker reference audio")
-        key = self._key(data)
-        hit = self._speakers.get(key)
+        hit, data, key = lookup_reference(reference, SpeakerV25, self._speakers, "speaker reference audio", self._key)
         if hit is not None:
-            return hit  # type: ignore[return-value]
+            return hit
         audio = load_speaker_audio(data, cut_seconds=self.max_reference_seconds)
         a16, a22 = audio.audio_16k.samples, audio.audio_22k.samples
         feats = self.features(a16)
