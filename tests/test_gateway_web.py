@@ -38,19 +38,15 @@ def _browser_paths() -> tuple[str, str]:
 
 
 @pytest.fixture(scope="module")
-def gateway(tiny_export_dir, tmp_path_factory):
-    from gateway_support import start_gateway_process, start_triton
+def gateway(tiny_server, tmp_path_factory):
+    from gateway_support import start_gateway_process
 
     work = tmp_path_factory.mktemp("web")
-    triton = start_triton(tiny_export_dir, work, max_sequences=8, max_text_chars=2000)
+    proc = start_gateway_process(tiny_server.grpc_url, work / "data", env=ENV)
     try:
-        proc = start_gateway_process(triton.grpc_url, work / "data", env=ENV)
-        try:
-            yield proc
-        finally:
-            proc.stop()
+        yield proc
     finally:
-        triton.stop()
+        proc.stop()
 
 
 @pytest.fixture(scope="module")
