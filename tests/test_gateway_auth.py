@@ -69,6 +69,12 @@ class ScriptedTriton:
     async def max_text_chars(self) -> int:
         return 20_000
 
+    async def text_emotion(self) -> bool:
+        return False  # an IndexTTS 1.x server
+
+    async def languages(self) -> tuple[str, ...]:
+        return ()
+
     async def close(self) -> None:
         pass
 

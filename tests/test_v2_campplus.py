@@ -144,7 +144,7 @@ def test_strict_load_and_named_errors(campplus_file, tmp_path):
     with pytest.raises(CheckpointError, match=r"unexpected 1: xvector\.dense\.nonlinear\.batchnorm\.weight"):
         load_campplus_state(CAMPPlus(), bad)
     bad = dict(state, **{"xvector.tdnn.linear.weight": torch.zeros(128, 320, 3)})
-    with pytest.raises(CheckpointError, match=r"xvector\.tdnn\.linear\.weight' is \[128, 320, 3\]"):
+    with pytest.raises(CheckpointError, match=r"xvector\.tdnn\.linear\.weight' has shape \[128, 320, 3\]"):
         load_campplus_state(CAMPPlus(), bad)
     with pytest.raises(ModelFilesError):
         load_campplus(tmp_path / "absent.bin")
