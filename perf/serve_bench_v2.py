@@ -555,7 +555,8 @@ def render_comparison(new: ServeBenchV2, old: ServeBenchV2, reports: Sequence[Pa
     m = new.machine
 
     def row(label: str, a: float, b: float, digits: int = 3) -> str:
-        return f"| {label} | {fmt(a, digits)} | {fmt(b, digits)} | {fmt(ratio(b, a))}x |"
+        r = fmt(ratio(b, a))
+        return f"| {label} | {fmt(a, digits)} | {fmt(b, digits)} | {r if r == 'n/a' else r + 'x'} |"
 
     lines = [f"# IndexTTS-2.5 ({new.preset}) vs IndexTTS-2 ({old.preset}): engine_ref and served, one run", "",
              f"- machine: {m.get('cpu', '?')}, {m.get('cores', '?')} cores, host {m.get('host', '?')}; commit "
