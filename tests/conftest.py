@@ -48,8 +48,7 @@ TINY_SERVER_MAX_TEXT_CHARS = 2000
 
 @pytest.fixture(scope="session")
 def tiny_server(tiny_export_dir, tmp_path_factory):
-    """One tiny tritonserver for the modules that only send it requests (test_serving, test_streaming_chunks,
-    the gateway jobs, voices and web modules):
+    """One tiny tritonserver for the modules that only send it requests (test_serving, test_streaming_chunks):
     each start-up costs ~15 s of the suite's budget. Their checks read metric deltas, never absolute counts."""
     from model_repository.builder import RepoOptions, build_repository
     from model_repository.server import ServerConfig, TritonServer, free_port

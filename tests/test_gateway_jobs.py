@@ -519,9 +519,13 @@ def test_workers_fail_a_job_the_server_rejects_with_its_message(tmp_path):
 # --- the job API on a real gateway and tritonserver -----------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def triton(tiny_server):
-    """The suite's shared tiny tritonserver (conftest): these tests read counter deltas once it is idle."""
-    return tiny_server
+def triton(tiny_export_dir, tmp_path_factory):
+    from gateway_support import start_triton
+
+    server = start_triton(tiny_export_dir, tmp_path_factory.mktemp("jobs-triton"), max_sequences=8,
+                          max_text_chars=2000)
+    yield server
+    server.stop()
 
 
 class Api:

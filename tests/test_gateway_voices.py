@@ -18,16 +18,17 @@ import soundfile as sf
 from client import ClientConfig, TTSClient
 from gateway.settings import GatewaySettings
 from gateway.voices import VoiceStore
-from gateway_support import GREEDY, decode, start_gateway
+from gateway_support import GREEDY, decode, start_gateway, start_triton
 
 TEXT = "Voices are stored once and used many times."
 MODEL = "indextts-1.5"
 
 
 @pytest.fixture(scope="module")
-def triton(tiny_server):
-    """The suite's shared tiny tritonserver (conftest)."""
-    return tiny_server
+def triton(tiny_export_dir, tmp_path_factory):
+    server = start_triton(tiny_export_dir, tmp_path_factory.mktemp("gw-voices"), max_sequences=4)
+    yield server
+    server.stop()
 
 
 @pytest.fixture(scope="module")

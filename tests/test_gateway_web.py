@@ -38,15 +38,19 @@ def _browser_paths() -> tuple[str, str]:
 
 
 @pytest.fixture(scope="module")
-def gateway(tiny_server, tmp_path_factory):
-    from gateway_support import start_gateway_process
+def gateway(tiny_export_dir, tmp_path_factory):
+    from gateway_support import start_gateway_process, start_triton
 
     work = tmp_path_factory.mktemp("web")
-    proc = start_gateway_process(tiny_server.grpc_url, work / "data", env=ENV)
+    triton = start_triton(tiny_export_dir, work, max_sequences=8, max_text_chars=2000)
     try:
-        yield proc
+        proc = start_gateway_process(triton.grpc_url, work / "data", env=ENV)
+        try:
+            yield proc
+        finally:
+            proc.stop()
     finally:
-        proc.stop()
+        triton.stop()
 
 
 @pytest.fixture(scope="module")
